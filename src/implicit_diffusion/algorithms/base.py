@@ -1,0 +1,54 @@
+"""What the Langevin-family algorithms share: an optimizer step from a surrogate, and a run loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from ..objectives.base import Surrogate
+
+__all__ = ["Callback", "StepSize", "apply_surrogate", "resolve_step_size", "run_steps"]
+
+# callback(k, particles, stats) after θ update k; stats hold 0-d tensors (no host sync).
+Callback = Callable[[int, Tensor, dict], None]
+# A sampler step size: a constant, or a function of the θ-update index k.
+StepSize = Union[float, Callable[[int], float]]
+
+
+def resolve_step_size(step_size: StepSize, k: int) -> float:
+    return step_size(k) if callable(step_size) else step_size
+
+
+def apply_surrogate(potential, surrogate: Surrogate, optimizer: torch.optim.Optimizer, lr_scheduler=None) -> None:
+    """θ ← optimizer step with gradient Γ (the gradient of ``surrogate.loss``)."""
+    # What optimizer.zero_grad(set_to_none=True) does, without its profiler bookkeeping,
+    # which costs as much as the rest of a small Langevin step on CPU.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+    surrogate.backward(potential)
+    optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+
+
+def run_steps(
+    step: Callable[[Tensor | None, int], tuple[Tensor, dict]],
+    x: Tensor | None,
+    num_steps: int,
+    *,
+    start: int = 0,
+    callbacks: Iterable[Callback] = (),
+) -> Tensor | None:
+    """Call ``x, stats = step(x, k)`` for k = start … start + num_steps − 1, then each callback."""
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+    callbacks = tuple(callbacks)
+    for k in range(start, start + num_steps):
+        x, stats = step(x, k)
+        for cb in callbacks:
+            cb(k, x, stats)
+    return x

@@ -1,0 +1,301 @@
+"""Potentials V(x, θ): energies of Gibbs targets π*(θ) ∝ exp(−V(x, θ)).
+
+A potential is a :class:`torch.nn.Module` whose parameters are θ and whose
+``forward(x)`` maps particles ``x`` of shape ``(num_particles, dim)`` to energies of
+shape ``(num_particles,)``. Two methods let samplers and estimators use closed forms
+where a potential has them, with autograd as the fallback for any user module:
+
+- ``grad_x(x)`` → ∇ₓV(x, θ), shape ``(num_particles, dim)``;
+- ``accumulate_param_grad(points, weights)`` adds Σᵢ wᵢ ∇θV(yᵢ, θ) to each parameter's
+  ``.grad``: the gradient of the surrogate loss Σᵢ wᵢ V(yᵢ, θ) with the weights and points
+  held fixed (every Gibbs-family estimator of Marion et al. 2024, §3, has this form).
+
+Reference: P. Marion et al., *Implicit Diffusion: Efficient Optimization through
+Stochastic Sampling*, arXiv 2402.05468 (AISTATS 2025), §2 and §5.1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Potential",
+    "FunctionPotential",
+    "ModulePotential",
+    "GaussianPotential",
+    "GaussianMixture",
+    "EnergyMLP",
+    "as_potential",
+    "hexagon_mixture",
+    "hexagon_centres",
+    "HEXAGON_THETA0",
+]
+
+Params = Union[Tensor, Mapping[str, Tensor]]
+
+
+class Potential(nn.Module):
+    """Base class: energy V(x, θ) with θ = ``self.parameters()``.
+
+    Subclasses implement ``forward(x) -> (num_particles,)``; they may override
+    :meth:`grad_x` and :meth:`accumulate_param_grad` with closed forms.
+    """
+
+    def grad_x(self, x: Tensor) -> Tensor:
+        """∇ₓV(x, θ) by autograd, shape ``(num_particles, dim)``.
+
+        When the caller has grad mode on, the result stays differentiable (the graph is
+        created), so a sampler step built on it can be differentiated w.r.t. θ and x.
+        Under ``torch.no_grad()`` it is a plain tensor and no parameter gradient is touched.
+        """
+        if torch.is_grad_enabled():
+            xr = x if x.requires_grad else x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self(xr).sum(), xr, create_graph=True)
+            return g
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self(xr).sum(), xr)
+        return g
+
+    def accumulate_param_grad(self, points: Tensor, weights: Tensor) -> None:
+        """Add Σᵢ wᵢ ∇θV(yᵢ, θ) to ``p.grad`` for every parameter p.
+
+        ``points``: ``(n, dim)``, ``weights``: ``(n,)``; both are treated as constants.
+        This is ``backward()`` of the surrogate ``Σᵢ wᵢ V(yᵢ, θ)``.
+        """
+        with torch.enable_grad():
+            (weights.detach() * self(points.detach())).sum().backward()
+
+
+class ModulePotential(Potential):
+    """Wrap any ``nn.Module`` with ``forward(x) -> (num_particles,)`` as a potential."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+
+class FunctionPotential(Potential):
+    """Wrap a plain function ``fn(x, params) -> (num_particles,)`` and its parameters.
+
+    ``params`` is a tensor (stored as the parameter ``theta``) or a mapping of names to
+    tensors (stored in a ``ParameterDict`` and passed to ``fn`` as a dict).
+    """
+
+    def __init__(self, fn: Callable[[Tensor, Params], Tensor], params: Params):
+        super().__init__()
+        self.fn = fn
+        if isinstance(params, Tensor):
+            self.theta = nn.Parameter(params.detach().clone())
+            self._is_dict = False
+        elif isinstance(params, Mapping):
+            self.theta = nn.ParameterDict(
+                {k: nn.Parameter(v.detach().clone()) for k, v in params.items()}
+            )
+            self._is_dict = True
+        else:
+            raise TypeError(
+                f"params must be a Tensor or a mapping of names to Tensors, got {type(params).__name__}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        params = dict(self.theta.items()) if self._is_dict else self.theta
+        return self.fn(x, params)
+
+
+def as_potential(obj: Potential | nn.Module | Callable, params: Params | None = None) -> Potential:
+    """Turn a user object into a :class:`Potential`.
+
+    - a :class:`Potential` is returned as is;
+    - an ``nn.Module`` whose ``forward(x)`` returns energies is wrapped (θ = its parameters);
+    - a function ``fn(x, params)`` needs ``params`` (a tensor or dict of tensors).
+    """
+    if isinstance(obj, Potential):
+        if params is not None:
+            raise ValueError("params must be None when a Potential module is given: θ are its parameters")
+        return obj
+    if isinstance(obj, nn.Module):
+        if params is not None:
+            raise ValueError("params must be None when an nn.Module is given: θ are its parameters")
+        return ModulePotential(obj)
+    if callable(obj):
+        if params is None:
+            raise ValueError("a plain function potential fn(x, params) needs params (a Tensor or dict)")
+        return FunctionPotential(obj, params)
+    raise TypeError(f"expected a Potential, an nn.Module or a function fn(x, params), got {type(obj).__name__}")
+
+
+class GaussianPotential(Potential):
+    """V(x, μ) = ‖x − μ‖² / (2σ²): π*(μ) = N(μ, σ²I), with learnable mean μ of shape ``(dim,)``."""
+
+    def __init__(self, mean: Tensor, variance: float = 1.0):
+        super().__init__()
+        if variance <= 0:
+            raise ValueError(f"variance must be > 0, got {variance}")
+        self.mean = nn.Parameter(torch.as_tensor(mean).detach().clone())
+        self.variance = float(variance)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ((x - self.mean) ** 2).sum(-1) / (2 * self.variance)
+
+    def grad_x(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.variance
+
+    def accumulate_param_grad(self, points: Tensor, weights: Tensor) -> None:
+        # ∇μV(y) = −(y − μ)/σ²
+        with torch.no_grad():
+            w = weights.detach()
+            g = (w.sum() * self.mean - w @ points.detach()) / self.variance
+            _add_grad(self.mean, g)
+
+
+class GaussianMixture(Potential):
+    """Mixture potential with softmax weights: V(x, θ) = −log Σₖ softmax(θ)ₖ N(x; cₖ, σₖ²I).
+
+    Centres ``means`` ``(K, dim)`` and isotropic ``variances`` (scalar or ``(K,)``) are fixed;
+    θ = ``logits`` ``(K,)``. Closed forms, with responsibilities rₖ(x) = wₖNₖ(x)/Σⱼ wⱼNⱼ(x):
+    ∇ₓV = Σₖ rₖ(x)(x − cₖ)/σₖ² and ∇θV = softmax(θ) − r(x) (Marion et al. 2024, §5.1).
+    """
+
+    def __init__(self, means: Tensor, variances: float | Tensor = 1.0, logits: Tensor | None = None):
+        super().__init__()
+        means = torch.as_tensor(means)
+        if means.ndim != 2:
+            raise ValueError(f"means must have shape (num_components, dim), got {tuple(means.shape)}")
+        k, d = means.shape
+        var = torch.as_tensor(variances, dtype=means.dtype).expand(k).clone()
+        if (var <= 0).any():
+            raise ValueError(f"variances must be > 0, got {var.tolist()}")
+        if logits is None:
+            logits = torch.zeros(k, dtype=means.dtype)
+        logits = torch.as_tensor(logits, dtype=means.dtype)
+        if logits.shape != (k,):
+            raise ValueError(f"logits must have shape ({k},), got {tuple(logits.shape)}")
+        self.logits = nn.Parameter(logits.detach().clone())
+        self.register_buffer("means", means.detach().clone())
+        self.register_buffer("variances", var)
+        # Constant pieces of log Nₖ(x) = −|x|²/(2σₖ²) + x·cₖ/σₖ² − |cₖ|²/(2σₖ²) − (d/2)log(2πσₖ²).
+        self.register_buffer("_scaled_means", means / var[:, None])  # cₖ/σₖ², (K, d)
+        self.register_buffer("_offset", -(means**2).sum(1) / (2 * var) - 0.5 * d * torch.log(2 * math.pi * var))
+        self._shared_variance = bool((var == var[0]).all())
+        self._inv_var = 1.0 / float(var[0])  # used when variances are shared
+        self._memo: tuple | None = None
+
+    @property
+    def weights(self) -> Tensor:
+        """Mixture weights softmax(θ), shape ``(K,)``."""
+        return torch.softmax(self.logits, 0)
+
+    def component_log_densities(self, x: Tensor) -> Tensor:
+        """log Nₖ(x), shape ``(K, num_particles)`` (components first: faster softmax on CPU)."""
+        xt = x.transpose(0, 1)
+        lin = torch.addmm(self._offset[:, None], self._scaled_means, xt)
+        sq = (xt * xt).sum(0)
+        return lin - sq[None, :] / (2 * self.variances[:, None])
+
+    def _joint_logits(self, x: Tensor) -> Tensor:
+        """log wₖ + log Nₖ(x) up to a per-particle constant when variances are shared."""
+        xt = x.transpose(0, 1)
+        logw = torch.log_softmax(self.logits, 0)
+        if self._shared_variance:  # −|x|²/(2σ²) cancels in the responsibilities
+            return torch.addmm((logw + self._offset)[:, None], self._scaled_means, xt)
+        return logw[:, None] + self.component_log_densities(x)
+
+    def responsibilities(self, x: Tensor) -> Tensor:
+        """rₖ(x), shape ``(K, num_particles)``.
+
+        Outside grad mode the last result is memoized, keyed on the identity and version
+        counters of x and θ: a single-loop iteration needs r(x_k) at θ_k twice (the sampler's
+        ∇ₓV and the estimator's ∇θV), and on CPU this is a good part of the step's cost.
+        """
+        if torch.is_grad_enabled():
+            return torch.softmax(self._joint_logits(x), 0)
+        key = (x, x._version, self.logits, self.logits._version)
+        memo = self._memo
+        if memo is not None and all(a is b if isinstance(a, Tensor) else a == b for a, b in zip(key, memo[0])):
+            return memo[1]
+        r = torch.softmax(self._joint_logits(x), 0)
+        self._memo = (key, r)
+        return r
+
+    def forward(self, x: Tensor) -> Tensor:
+        logw = torch.log_softmax(self.logits, 0)
+        return -torch.logsumexp(logw[:, None] + self.component_log_densities(x), 0)
+
+    def grad_x(self, x: Tensor) -> Tensor:
+        r = self.responsibilities(x)  # (K, N)
+        if self._shared_variance:
+            # Σₖ rₖ(x − cₖ)/σ² = (x − Σₖ rₖ cₖ)/σ²
+            s = self._inv_var
+            return torch.addmm(x, r.transpose(0, 1), self.means, beta=s, alpha=-s)
+        prec = (r / self.variances[:, None]).sum(0)  # Σₖ rₖ/σₖ²
+        return x * prec[:, None] - r.transpose(0, 1) @ self._scaled_means
+
+    def accumulate_param_grad(self, points: Tensor, weights: Tensor) -> None:
+        # Σᵢ wᵢ ∇θV(yᵢ) = (Σᵢ wᵢ) softmax(θ) − Σᵢ wᵢ r(yᵢ)
+        with torch.no_grad():  # no_grad, not .detach(): keeps the memo of r(points) usable
+            r = self.responsibilities(points)
+            g = torch.addmv(torch.softmax(self.logits, 0) * weights.sum(), r, weights, alpha=-1)
+            _add_grad(self.logits, g)
+
+    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Exact draws from π*(θ), shape ``(num_samples, dim)``."""
+        with torch.no_grad():
+            idx = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)
+            noise = torch.randn(
+                num_samples, self.means.shape[1], generator=generator, dtype=self.means.dtype,
+                device=self.means.device,
+            )
+            return self.means[idx] + noise * self.variances[idx, None].sqrt()
+
+
+class EnergyMLP(Potential):
+    """Energy-based model: V(x, θ) = MLP_θ(x), a fully connected SiLU network with scalar output."""
+
+    def __init__(self, dim: int, hidden: int = 64, depth: int = 2):
+        super().__init__()
+        if dim < 1 or hidden < 1 or depth < 1:
+            raise ValueError(f"dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}")
+        layers: list[nn.Module] = []
+        width = dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(-1)
+
+
+# The paper's §5.1 target: six unit-variance Gaussians on a hexagon of radius 4.
+HEXAGON_THETA0 = (1.5, 0.0, 1.5, 0.0, 1.5, 0.0)
+
+
+def hexagon_centres(radius: float = 4.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """c₁ = (r, 0), c₂ = (r/2, r√3/2), … counter-clockwise, shape ``(6, 2)``."""
+    h = radius * math.sqrt(3) / 2
+    c = [(radius, 0.0), (radius / 2, h), (-radius / 2, h)]
+    return torch.tensor(c + [(-a, -b) for a, b in c], dtype=dtype)
+
+
+def hexagon_mixture(
+    theta0: tuple[float, ...] | Tensor = HEXAGON_THETA0, radius: float = 4.0, dtype: torch.dtype = torch.float32
+) -> GaussianMixture:
+    """The §5.1 potential: unit-variance components at the vertices of a hexagon."""
+    return GaussianMixture(hexagon_centres(radius, dtype), 1.0, torch.as_tensor(theta0, dtype=dtype))
+
+
+def _add_grad(p: Tensor, g: Tensor) -> None:
+    if p.grad is None:
+        p.grad = g.detach()  # g is freshly computed: no aliasing
+    else:
+        p.grad.add_(g)

@@ -1,0 +1,85 @@
+"""Estimators Γ(p, θ) written as surrogate losses (DESIGN.md §2.1).
+
+For a Gibbs target π*(θ) ∝ exp(−V(x, θ)), every estimator of Marion et al. 2024, §3, is a
+weighted sum of parameter gradients of the potential at fixed points:
+
+    Γ(p, θ) = Σⱼ wⱼ ∇θV(yⱼ, θ)  =  ∇θ [ Σⱼ wⱼ V(yⱼ, θ) ]   (yⱼ, wⱼ held fixed).
+
+An estimator returns a :class:`Surrogate` record holding the points, the (detached)
+weights and the statistics it computed on the way. ``surrogate.loss(potential)`` is the
+scalar whose ``backward()`` gives Γ (so any ``torch.optim`` optimizer, gradient clipping or
+hooks work); ``surrogate.backward(potential)`` adds the same Γ to ``.grad`` through the
+potential's closed form when it has one. Estimators add up: ``a + b`` is the estimator of
+F_a + F_b, since Γ is linear in F.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Surrogate", "Estimator", "SumEstimator"]
+
+
+class Surrogate(NamedTuple):
+    """Γ as fixed points ``(n_j, dim)`` with weights ``(n_j,)``, plus statistics (0-d tensors)."""
+
+    points: tuple[Tensor, ...]
+    weights: tuple[Tensor, ...]
+    stats: dict[str, Tensor]
+
+    def loss(self, potential) -> Tensor:
+        """Σⱼ wⱼ V(yⱼ, θ): its gradient w.r.t. θ is Γ. Points and weights are constants."""
+        return sum((w.detach() * potential(y.detach())).sum() for y, w in zip(self.points, self.weights))
+
+    def backward(self, potential) -> None:
+        """Add Γ to the ``.grad`` of the potential's parameters (closed form if available)."""
+        for y, w in zip(self.points, self.weights):
+            potential.accumulate_param_grad(y, w)
+
+
+class Estimator:
+    """Base class: ``estimator(potential, x) -> Surrogate`` for particles ``x`` ~ p ≈ π*(θ)."""
+
+    def __call__(self, potential, x: Tensor) -> Surrogate:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __add__(self, other: Estimator) -> SumEstimator:
+        if not isinstance(other, Estimator):
+            return NotImplemented
+        return SumEstimator(self, other)
+
+
+class SumEstimator(Estimator):
+    """Γ of F₁ + F₂ + …: concatenates the surrogates' points and weights, merges statistics."""
+
+    def __init__(self, *estimators: Estimator):
+        flat: list[Estimator] = []
+        for e in estimators:
+            flat.extend(e.estimators if isinstance(e, SumEstimator) else (e,))
+        self.estimators = tuple(flat)
+
+    def __call__(self, potential, x: Tensor) -> Surrogate:
+        parts = [e(potential, x) for e in self.estimators]
+        stats: dict[str, Tensor] = {}
+        for p in parts:
+            stats.update(p.stats)
+        return Surrogate(
+            tuple(y for p in parts for y in p.points), tuple(w for p in parts for w in p.weights), stats
+        )
+
+
+def check_values(name: str, values: Tensor, x: Tensor) -> Tensor:
+    """Require ``values`` of shape ``(num_particles,)`` on x's device, naming the function if not."""
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{name} must return a torch.Tensor of shape ({x.shape[0]},), got {type(values).__name__}")
+    if values.shape != x.shape[:1]:
+        raise ValueError(
+            f"{name} must return one value per particle, shape ({x.shape[0]},); got shape {tuple(values.shape)}"
+        )
+    if values.device != x.device:
+        raise ValueError(f"{name} returned a tensor on {values.device}, particles are on {x.device}")
+    return values
+

@@ -1,0 +1,41 @@
+"""Reward objective F(p) = −λ E_p[R] for Gibbs targets (Marion et al. 2024, §3).
+
+∇θ(−E_{π*(θ)}[R]) = Cov_{π*(θ)}(R(X), ∇θV(X, θ)), estimated on the current particles by
+
+    Γ_R(p, θ) = λ · (1/N) Σᵢ (R(xᵢ) − R̄) ∇θV(xᵢ, θ),   R̄ = (1/N) Σᵢ R(xᵢ),
+
+the gradient of the surrogate Σᵢ wᵢ V(xᵢ, θ) with wᵢ = λ(R(xᵢ) − R̄)/N. Only reward
+*values* enter, so R may be non-differentiable (an indicator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .base import Estimator, Surrogate, check_values
+
+__all__ = ["RewardEstimator"]
+
+
+class RewardEstimator(Estimator):
+    """Γ_R for F(p) = −λ E_p[R]; reports the particles' mean reward as ``stats["reward"]``.
+
+    Args:
+        reward_fn: ``R(x) -> (num_particles,)``; called without gradient.
+        weight: λ > 0 maximizes the reward.
+    """
+
+    def __init__(self, reward_fn: Callable[[Tensor], Tensor], weight: float = 1.0):
+        self.reward_fn = reward_fn
+        self.weight = float(weight)
+        self._name = f"reward_fn {getattr(reward_fn, '__name__', type(reward_fn).__name__)}"
+
+    def __call__(self, potential, x: Tensor) -> Surrogate:
+        with torch.no_grad():
+            r = check_values(self._name, self.reward_fn(x), x)
+            r_mean = r.mean()
+            w = (r - r_mean).mul_(self.weight / x.shape[0])
+        return Surrogate((x,), (w,), {"reward": r_mean})
