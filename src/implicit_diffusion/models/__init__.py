@@ -1,5 +1,6 @@
 """Parametric models: potentials V(x, θ) (and, later, score networks)."""
 
+from .tilted import TiltedPotential
 from .potentials import (
     HEXAGON_THETA0,
     EnergyMLP,
@@ -21,6 +22,7 @@ __all__ = [
     "GaussianPotential",
     "ModulePotential",
     "Potential",
+    "TiltedPotential",
     "as_potential",
     "hexagon_centres",
     "hexagon_mixture",

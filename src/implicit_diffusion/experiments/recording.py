@@ -1,0 +1,111 @@
+"""Loop callbacks of the Langevin experiments: metric buffers, exact evaluations, a progress bar.
+
+Callbacks have the signature ``callback(k, particles, stats)`` and run after θ update k.
+Per-step statistics stay on the device in a preallocated buffer and leave it in blocks, so
+the loop never waits on a host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["RewardRecorder", "EvalRecorder", "ProgressBar"]
+
+
+class RewardRecorder:
+    """Keeps ``stats["reward"]`` of every step; hands ``{"step", "reward"}`` records to ``sink`` per block."""
+
+    def __init__(self, num_steps: int, sink: Callable[[list[dict]], None], *, block: int = 1000,
+                 dtype: torch.dtype = torch.float32):
+        self._buf = torch.full((num_steps,), float("nan"), dtype=dtype)
+        self._sink = sink
+        self._block = block
+        self._flushed = 0
+
+    def __call__(self, k: int, x: Tensor, stats: dict) -> None:
+        self._buf[k] = stats["reward"]
+        if (k + 1) % self._block == 0:
+            self.flush(k + 1)
+
+    def flush(self, upto: int | None = None) -> None:
+        upto = len(self._buf) if upto is None else upto
+        if upto > self._flushed:
+            vals = self._buf[self._flushed:upto].tolist()
+            self._sink([{"step": self._flushed + i, "reward": v} for i, v in enumerate(vals)])
+            self._flushed = upto
+
+    def values(self) -> np.ndarray:
+        return self._buf.double().numpy().copy()
+
+
+class EvalRecorder:
+    """Every ``every`` updates: exact E_{π*(θ)}[R] = Σₖ softmax(θ)ₖ eₖ, KL(π*(θ)‖π*(θ₀)), weights."""
+
+    def __init__(self, potential, every: int, num_steps: int, component_rewards: np.ndarray,
+                 mixture_kl: Callable[[np.ndarray], float], snapshot_steps: list[int],
+                 sink: Callable[[list[dict]], None]):
+        self.potential = potential
+        self.every = every
+        self.num_steps = num_steps
+        self.component_rewards = component_rewards
+        self.mixture_kl = mixture_kl
+        self.snapshot_steps = set(snapshot_steps)
+        self.sink = sink
+        self.steps: list[int] = []
+        self.exact_rewards: list[float] = []
+        self.kls: list[float] = []
+        self.weights: list[np.ndarray] = []
+        self.snapshots: dict[int, np.ndarray] = {}
+        self.snapshot_weights: dict[int, np.ndarray] = {}
+
+    def __call__(self, k: int, x: Tensor, stats: dict) -> None:
+        done = k + 1  # θ updates so far
+        if done % self.every == 0 or done == self.num_steps or done in self.snapshot_steps:
+            self.record(done, x)
+
+    def record(self, done: int, x: Tensor) -> None:
+        w = torch.softmax(self.potential.logits.detach().double(), 0).numpy()
+        if done in self.snapshot_steps:
+            self.snapshots[done] = x.detach().double().numpy().copy()
+            self.snapshot_weights[done] = w
+        if done % self.every and done != self.num_steps and done != 0:
+            return
+        self.steps.append(done)
+        self.exact_rewards.append(float(w @ self.component_rewards))
+        self.kls.append(self.mixture_kl(w))
+        self.weights.append(w)
+        self.sink([{"step": done, "exact_reward": self.exact_rewards[-1], "kl": self.kls[-1],
+                    "weights": w.tolist()}])
+
+
+class ProgressBar:
+    """A tqdm bar as a loop callback, updated every ``chunk`` steps to keep the loop cheap."""
+
+    def __init__(self, total: int, desc: str, *, enabled: bool = True, chunk: int = 50):
+        self.total = total
+        self.desc = desc
+        self.enabled = enabled
+        self.chunk = chunk
+        self._bar = None
+        self._shown = 0
+
+    def __enter__(self) -> ProgressBar:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, desc=self.desc, unit="step", leave=False, dynamic_ncols=True)
+        return self
+
+    def __call__(self, k: int, x: Tensor, stats: dict) -> None:
+        if self._bar is not None and (k + 1) % self.chunk == 0:
+            self._bar.update(k + 1 - self._shown)
+            self._shown = k + 1
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

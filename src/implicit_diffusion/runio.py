@@ -1,0 +1,98 @@
+"""Run directories: resolved config, metrics as JSON lines, tensors as safetensors.
+
+Files are written atomically (temporary file in the same directory, then ``os.replace``),
+so a crash never leaves a half-written file in place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RunDirError
+
+__all__ = ["prepare_run_dir", "atomic_write_text", "save_tensors", "MetricsWriter"]
+
+
+def prepare_run_dir(path: str | Path) -> Path:
+    """Create ``path`` (or accept it empty); refuse a non-empty directory so nothing is overwritten."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise RunDirError(f"output path {str(path)!r} exists and is not a directory")
+        if any(path.iterdir()):
+            raise RunDirError(f"output directory {str(path)!r} is not empty; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create output directory {str(path)!r}: {e.strerror}") from None
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors with safetensors (no pickle), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsWriter:
+    """Append JSON records (one per line) to ``metrics.jsonl``; flushed after each block."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._f = self.path.open("a", encoding="utf-8")
+
+    def write(self, records: list[dict[str, Any]] | dict[str, Any]) -> None:
+        if isinstance(records, dict):
+            records = [records]
+        self._f.write("".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in records))
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
