@@ -40,21 +40,6 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture
-def make_generator(seed: int):
-    """Factory for further independent generators: ``make_generator(k)`` is seeded ``1000·(seed+1) + k``."""
-
-    def make(k: int = 0) -> torch.Generator:
-        return torch.Generator().manual_seed(1000 * (seed + 1) + k)
-
-    return make
-
-
-@pytest.fixture
-def dtype() -> torch.dtype:
-    return torch.float64
-
-
 def f64(*values) -> torch.Tensor:
     """A float64 tensor from Python numbers or nested lists."""
     if len(values) == 1:

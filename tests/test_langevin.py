@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import Z, assert_close64, f64, mean_within, var_within
 
-from implicit_diffusion.models import EnergyMLP, GaussianPotential, as_potential, hexagon_mixture
+from implicit_diffusion.models import EnergyMLP, GaussianMixture, GaussianPotential, as_potential, hexagon_mixture
 from implicit_diffusion.samplers import LangevinInfo, energy_grad, ula_step
 
 
@@ -38,9 +38,7 @@ def plain_quadratic(x):
 POTENTIALS = {
     "gaussian": lambda: GaussianPotential(f64([0.5, -1.0]), 0.7),
     "mixture": lambda: hexagon_mixture(dtype=torch.float64),
-    "mixture-diff-var": lambda: __import__("implicit_diffusion").GaussianMixture(
-        f64([[0.0, 0.0], [2.0, 1.0]]), f64([0.5, 2.0]), f64([0.2, -0.3])
-    ),
+    "mixture-diff-var": lambda: GaussianMixture(f64([[0.0, 0.0], [2.0, 1.0]]), f64([0.5, 2.0]), f64([0.2, -0.3])),
     "energy-mlp": energy_mlp64,
     "function": lambda: as_potential(lambda x, t: ((x - t) ** 2).sum(-1) / 2 + torch.cos(x).sum(-1), f64([1.0, 2.0])),
     "plain-callable": lambda: plain_quadratic,
@@ -64,6 +62,21 @@ def test_ula_step_exact_with_fixed_noise(name, grad_mode, generator):
         x1, info = ula_step(x, V, step_size=gamma, noise=n)
     assert_close64(x1.detach(), expected)
     assert isinstance(info, LangevinInfo) and info.acceptance_rate is None
+
+
+@pytest.mark.parametrize("name", ["gaussian", "mixture", "mixture-diff-var", "energy-mlp"])
+def test_ula_step_exact_dimension_major_particles(name, generator):
+    """Particles stored dimension-major (x = y.t() with y of shape (d, N)): same update, exact."""
+    V = POTENTIALS[name]()
+    x = (randn64(generator, 2, 9) * 2).t()
+    assert x.stride() == (1, 9)
+    n = randn64(generator, 9, 2)
+    expected = x - 0.13 * autograd_grad(V, x) + math.sqrt(2 * 0.13) * n
+    with torch.no_grad():
+        x1, _ = ula_step(x, V, step_size=0.13, noise=n)
+        x2, _ = ula_step(x, V, step_size=0.13, generator=generator)
+    assert x1.shape == x2.shape == x.shape
+    assert_close64(x1, expected)
 
 
 def test_energy_grad_plain_callable(generator):
@@ -301,3 +314,11 @@ def test_ula_errors(generator):
     for bad in (0.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="step_size must be > 0"):
             ula_step(x, V, step_size=bad, generator=generator)
+
+
+def test_ula_refuses_to_draw_from_the_global_rng():
+    """Without a generator or pre-drawn noise a step would need the global RNG: it is an error."""
+    from implicit_diffusion.models import GaussianPotential
+
+    with pytest.raises(ValueError, match="generator=torch.Generator"):
+        ula_step(torch.zeros(3, 2), GaussianPotential(torch.zeros(2)), step_size=0.1)

@@ -43,3 +43,24 @@ def test_kl_weight_keeps_theta_closer_to_theta0():
 def test_adam_and_inverse_sqrt_schedule_run_and_improve():
     r = run(LangevinMixtureConfig(**TINY, optimizer="adam", lr=0.05, lr_schedule="inverse-sqrt"))
     assert r.exact_rewards[-1] > r.exact_rewards[0] + 0.01
+
+
+def test_an_interrupted_run_keeps_every_recorded_step():
+    """Ctrl-C mid-run: the per-step rewards recorded so far still reach the metrics sink."""
+    records: list[dict] = []
+    interrupted = []
+
+    def sink(block):
+        records.extend(block)
+        if not interrupted and any(r.get("step") == 250 and "exact_reward" in r for r in block):
+            interrupted.append(True)
+            raise KeyboardInterrupt
+
+    cfg = LangevinMixtureConfig(**{**TINY, "eval_every": 50})
+    try:
+        run(cfg, metrics_sink=sink)
+    except KeyboardInterrupt:
+        pass
+    assert interrupted
+    steps = [r["step"] for r in records if "reward" in r]
+    assert steps == list(range(250))  # block size 1000 > 250: all came from the final flush

@@ -109,6 +109,12 @@ class LangevinMixtureResult:
         }
 
 
+def _initial_particles(n: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """p₀ = N(0, I), shape ``(n, 2)``, stored dimension-major: the mixture's closed forms then
+    read each coordinate contiguously, which is several times faster on CPU for large n."""
+    return torch.randn(2, n, generator=generator, dtype=dtype).t()
+
+
 def _make_optimizer(config: LangevinMixtureConfig, params) -> torch.optim.Optimizer:
     # foreach=False: θ is one small tensor, and the single-tensor path has less overhead.
     if config.optimizer == "sgd":
@@ -155,13 +161,15 @@ def run(
     bar = ProgressBar(num_steps, "single loop", enabled=config.progress)
     callbacks.append(bar)
 
-    x = torch.randn(config.num_particles, 2, generator=generator, dtype=dtype)
+    x = _initial_particles(config.num_particles, generator, dtype)
     evals.record(0, x)
     start = time.perf_counter()
-    with bar:
-        x = algo.run(x, num_steps, generator=generator, callbacks=callbacks)
+    try:
+        with bar:
+            x = algo.run(x, num_steps, generator=generator, callbacks=callbacks)
+    finally:  # an interrupted run still leaves every recorded step in the metrics
+        rewards.flush()
     wall = time.perf_counter() - start
-    rewards.flush()
 
     result = LangevinMixtureResult(
         config=config,
@@ -194,7 +202,7 @@ def _comparisons(config: LangevinMixtureConfig, dtype: torch.dtype, reward_fn) -
             potential,
             RewardEstimator(reward_fn, config.reward_weight),
             optimizer,
-            init_fn=lambda g: torch.randn(config.num_particles, 2, generator=g, dtype=dtype),
+            init_fn=lambda g: _initial_particles(config.num_particles, g, dtype),
             num_inner_steps=t,
             step_size=config.step_size,
             lr_scheduler=make_lr_scheduler(optimizer, config.lr_schedule),
@@ -207,7 +215,7 @@ def _comparisons(config: LangevinMixtureConfig, dtype: torch.dtype, reward_fn) -
 
     generator = torch.Generator().manual_seed(config.seed)
     tilted = TiltedPotential(hexagon_mixture(config.theta0, dtype=dtype), hexagon_reward_smooth, config.tilt_weight)
-    x = torch.randn(config.num_particles, 2, generator=generator, dtype=dtype)
+    x = _initial_particles(config.num_particles, generator, dtype)
     values = torch.empty(budget, dtype=dtype)
     with ProgressBar(budget, f"V − {config.tilt_weight:g}·R_s", enabled=config.progress) as bar, torch.no_grad():
         for k in range(budget):

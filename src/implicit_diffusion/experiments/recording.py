@@ -25,14 +25,17 @@ class RewardRecorder:
         self._sink = sink
         self._block = block
         self._flushed = 0
+        self.count = 0  # steps recorded so far
 
     def __call__(self, k: int, x: Tensor, stats: dict) -> None:
         self._buf[k] = stats["reward"]
-        if (k + 1) % self._block == 0:
-            self.flush(k + 1)
+        self.count = k + 1
+        if self.count % self._block == 0:
+            self.flush()
 
-    def flush(self, upto: int | None = None) -> None:
-        upto = len(self._buf) if upto is None else upto
+    def flush(self) -> None:
+        """Hand over every recorded step not yet handed over (also after an interruption)."""
+        upto = self.count
         if upto > self._flushed:
             vals = self._buf[self._flushed:upto].tolist()
             self._sink([{"step": self._flushed + i, "reward": v} for i, v in enumerate(vals)])

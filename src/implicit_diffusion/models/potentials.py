@@ -183,8 +183,11 @@ class GaussianMixture(Potential):
         self.register_buffer("means", means.detach().clone())
         self.register_buffer("variances", var)
         # Constant pieces of log Nₖ(x) = −|x|²/(2σₖ²) + x·cₖ/σₖ² − |cₖ|²/(2σₖ²) − (d/2)log(2πσₖ²).
-        self.register_buffer("_scaled_means", means / var[:, None])  # cₖ/σₖ², (K, d)
-        self.register_buffer("_offset", -(means**2).sum(1) / (2 * var) - 0.5 * d * torch.log(2 * math.pi * var))
+        # Derived constants (not in the state dict), for the closed forms.
+        self.register_buffer("_scaled_means", means / var[:, None], persistent=False)  # cₖ/σₖ², (K, d)
+        self.register_buffer("_means_t", means.t().contiguous(), persistent=False)  # (d, K)
+        offset = -(means**2).sum(1) / (2 * var) - 0.5 * d * torch.log(2 * math.pi * var)
+        self.register_buffer("_offset", offset, persistent=False)
         self._shared_variance = bool((var == var[0]).all())
         self._inv_var = 1.0 / float(var[0])  # used when variances are shared
         self._memo: tuple | None = None
@@ -212,18 +215,26 @@ class GaussianMixture(Potential):
     def responsibilities(self, x: Tensor) -> Tensor:
         """rₖ(x), shape ``(K, num_particles)``.
 
-        Outside grad mode the last result is memoized, keyed on the identity and version
-        counters of x and θ: a single-loop iteration needs r(x_k) at θ_k twice (the sampler's
-        ∇ₓV and the estimator's ∇θV), and on CPU this is a good part of the step's cost.
+        Outside grad mode the last result is memoized: a single-loop iteration needs r(x_k) at
+        θ_k twice (the sampler's ∇ₓV and the estimator's ∇θV), and on CPU this is a good part
+        of the step's cost. The memo is keyed on x's identity and version counter and on θ's
+        *values* (a 6-element comparison), not θ's version counter, which fused optimizer
+        kernels and ``.data`` assignments leave unchanged.
         """
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or x.is_inference():
             return torch.softmax(self._joint_logits(x), 0)
-        key = (x, x._version, self.logits, self.logits._version)
         memo = self._memo
-        if memo is not None and all(a is b if isinstance(a, Tensor) else a == b for a, b in zip(key, memo[0])):
-            return memo[1]
+        logits = self.logits
+        if (
+            memo is not None
+            and memo[0] is x
+            and memo[1] == x._version
+            and memo[2].shape == logits.shape
+            and torch.equal(memo[2], logits)
+        ):
+            return memo[3]
         r = torch.softmax(self._joint_logits(x), 0)
-        self._memo = (key, r)
+        self._memo = (x, x._version, logits.detach().clone(), r)
         return r
 
     def forward(self, x: Tensor) -> Tensor:
@@ -235,6 +246,8 @@ class GaussianMixture(Potential):
         if self._shared_variance:
             # Σₖ rₖ(x − cₖ)/σ² = (x − Σₖ rₖ cₖ)/σ²
             s = self._inv_var
+            if x.stride(0) == 1 and x.shape[1] > 1:  # particles stored dimension-major, (d, N) in memory
+                return torch.addmm(x.transpose(0, 1), self._means_t, r, beta=s, alpha=-s).transpose(0, 1)
             return torch.addmm(x, r.transpose(0, 1), self.means, beta=s, alpha=-s)
         prec = (r / self.variances[:, None]).sum(0)  # Σₖ rₖ/σₖ²
         return x * prec[:, None] - r.transpose(0, 1) @ self._scaled_means

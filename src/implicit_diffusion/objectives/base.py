@@ -35,9 +35,18 @@ class Surrogate(NamedTuple):
         return sum((w.detach() * potential(y.detach())).sum() for y, w in zip(self.points, self.weights))
 
     def backward(self, potential) -> None:
-        """Add Γ to the ``.grad`` of the potential's parameters (closed form if available)."""
+        """Add Γ to the ``.grad`` of the potential's parameters (closed form if available).
+
+        Potentials without ``accumulate_param_grad`` (any ``nn.Module`` returning energies)
+        get ``self.loss(potential).backward()``.
+        """
+        accumulate = getattr(potential, "accumulate_param_grad", None)
+        if accumulate is None:
+            with torch.enable_grad():
+                self.loss(potential).backward()
+            return
         for y, w in zip(self.points, self.weights):
-            potential.accumulate_param_grad(y, w)
+            accumulate(y, w)
 
 
 class Estimator:

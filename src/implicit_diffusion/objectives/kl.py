@@ -43,7 +43,8 @@ class ContrastiveKL(Estimator):
 class KLToReference(Estimator):
     """Γ_KL for β·KL(π*(θ) ‖ π*(θ₀)); θ₀ is a frozen copy of the potential's parameters now.
 
-    Surrogate: Σᵢ wᵢ V(xᵢ, θ) with wᵢ = β(hᵢ − h̄)/N, hᵢ = V(xᵢ, θ) − V(xᵢ, θ₀) (detached).
+    Surrogate: Σᵢ wᵢ V(xᵢ, θ) with wᵢ = β(hᵢ − h̄)/(N−1), hᵢ = V(xᵢ, θ) − V(xᵢ, θ₀) (detached):
+    the unbiased sample covariance.
     Reports h̄ as ``stats["energy_gap"]``.
     """
 
@@ -59,5 +60,5 @@ class KLToReference(Estimator):
         with torch.no_grad():
             h = potential(x) - self.reference_energy(potential, x)
             h_mean = h.mean()
-            w = (h - h_mean).mul_(self.weight / x.shape[0])
+            w = (h - h_mean).mul_(self.weight / max(x.shape[0] - 1, 1))
         return Surrogate((x,), (w,), {"energy_gap": h_mean})

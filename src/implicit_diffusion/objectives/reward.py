@@ -2,9 +2,10 @@
 
 ∇θ(−E_{π*(θ)}[R]) = Cov_{π*(θ)}(R(X), ∇θV(X, θ)), estimated on the current particles by
 
-    Γ_R(p, θ) = λ · (1/N) Σᵢ (R(xᵢ) − R̄) ∇θV(xᵢ, θ),   R̄ = (1/N) Σᵢ R(xᵢ),
+    Γ_R(p, θ) = λ · 1/(N−1) Σᵢ (R(xᵢ) − R̄) ∇θV(xᵢ, θ),   R̄ = (1/N) Σᵢ R(xᵢ),
 
-the gradient of the surrogate Σᵢ wᵢ V(xᵢ, θ) with wᵢ = λ(R(xᵢ) − R̄)/N. Only reward
+the gradient of the surrogate Σᵢ wᵢ V(xᵢ, θ) with wᵢ = λ(R(xᵢ) − R̄)/(N−1): the unbiased
+sample covariance, so E[Γ_R] = ∇θ(−λE[R]) exactly for i.i.d. particles. Only reward
 *values* enter, so R may be non-differentiable (an indicator).
 """
 
@@ -37,5 +38,5 @@ class RewardEstimator(Estimator):
         with torch.no_grad():
             r = check_values(self._name, self.reward_fn(x), x)
             r_mean = r.mean()
-            w = (r - r_mean).mul_(self.weight / x.shape[0])
+            w = (r - r_mean).mul_(self.weight / max(x.shape[0] - 1, 1))
         return Surrogate((x,), (w,), {"reward": r_mean})

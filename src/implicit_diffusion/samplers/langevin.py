@@ -46,12 +46,21 @@ def energy_grad(potential, x: Tensor) -> Tensor:
 
 
 def draw_noise(x: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like ``x``: ``noise`` if given, else drawn from ``generator``."""
+    """Standard normal noise shaped like ``x``: ``noise`` if given, else drawn from ``generator``.
+
+    One of the two is required: library code never draws from the global RNG.
+    """
     if noise is not None:
         if noise.shape != x.shape:
             raise ValueError(f"noise must have the particles' shape {tuple(x.shape)}, got {tuple(noise.shape)}")
         return noise
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if generator is None:
+        raise ValueError(
+            "a sampler step needs randomness: pass generator=torch.Generator().manual_seed(...) or noise=..."
+        )
+    # empty_like keeps x's memory layout, so the update below runs on matching strides; for the
+    # usual row-major x this draws exactly what torch.randn(x.shape, generator=...) would.
+    return torch.empty_like(x).normal_(generator=generator)
 
 
 def ula_step(
