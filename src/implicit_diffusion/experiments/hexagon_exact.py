@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from ..objectives.rewards import REWARD_CENTRE
 
@@ -59,22 +60,24 @@ class MixtureKL:
     """KL(Σ wₖN(cₖ,σ²I) ‖ Σ w⁰ₖN(cₖ,σ²I)) by the midpoint rule on a grid of spacing ``h``.
 
     Densities are kept in float64 (the smallest, 10σ and more from every centre, stay far above
-    underflow), so one evaluation is a matrix-vector product and a log over the grid.
+    underflow), so one evaluation is a matrix-vector product and a log over the grid. It runs in
+    torch, not NumPy: NumPy's BLAS threads spin after each call and would compete with the
+    sampling loop for the CPU cores between evaluations.
     """
 
     def __init__(self, means: np.ndarray, variance: float, ref_weights: np.ndarray, h: float = 0.1,
                  margin: float = 10.0):
-        means = np.asarray(means, dtype=np.float64)
-        lo = means.min(0) - margin * math.sqrt(variance)
-        hi = means.max(0) + margin * math.sqrt(variance)
-        axes = [np.arange(lo[i], hi[i] + h, h) for i in range(2)]
-        gx, gy = np.meshgrid(*axes, indexing="ij")
-        pts = np.stack([gx.ravel(), gy.ravel()], 1)
-        sq = ((pts[:, None, :] - means[None]) ** 2).sum(-1)
-        self._densities = np.exp(-sq / (2 * variance)) / (2 * math.pi * variance)  # (G, K)
+        means = torch.as_tensor(np.asarray(means), dtype=torch.float64)
+        sd = math.sqrt(variance)
+        lo = means.min(0).values - margin * sd
+        hi = means.max(0).values + margin * sd
+        axes = [torch.arange(float(lo[i]), float(hi[i]) + h, h, dtype=torch.float64) for i in range(2)]
+        pts = torch.cartesian_prod(*axes)
+        sq = torch.cdist(pts, means) ** 2
+        self._densities = torch.exp(-sq / (2 * variance)) / (2 * math.pi * variance)  # (G, K)
         self._cell = h * h
-        self._log_q = np.log(self._densities @ np.asarray(ref_weights, dtype=np.float64))
+        self._log_q = torch.log(self._densities @ torch.as_tensor(np.asarray(ref_weights), dtype=torch.float64))
 
-    def __call__(self, weights: np.ndarray) -> float:
-        p = self._densities @ np.asarray(weights, dtype=np.float64)
-        return float(p @ (np.log(p) - self._log_q) * self._cell)
+    def __call__(self, weights) -> float:
+        p = self._densities @ torch.as_tensor(np.asarray(weights), dtype=torch.float64)
+        return float(p @ (torch.log(p) - self._log_q) * self._cell)

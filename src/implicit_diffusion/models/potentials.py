@@ -244,11 +244,10 @@ class GaussianMixture(Potential):
     def grad_x(self, x: Tensor) -> Tensor:
         r = self.responsibilities(x)  # (K, N)
         if self._shared_variance:
-            # Σₖ rₖ(x − cₖ)/σ² = (x − Σₖ rₖ cₖ)/σ²
-            s = self._inv_var
-            if x.stride(0) == 1 and x.shape[1] > 1:  # particles stored dimension-major, (d, N) in memory
-                return torch.addmm(x.transpose(0, 1), self._means_t, r, beta=s, alpha=-s).transpose(0, 1)
-            return torch.addmm(x, r.transpose(0, 1), self.means, beta=s, alpha=-s)
+            # Σₖ rₖ(x − cₖ)/σ² = (x − Σₖ rₖ cₖ)/σ²; (d, K) @ (K, N) reads r contiguously, several
+            # times faster on CPU than rᵀ @ C for large N.
+            g = x - (self._means_t @ r).transpose(0, 1)
+            return g if self._inv_var == 1.0 else g.mul_(self._inv_var)
         prec = (r / self.variances[:, None]).sum(0)  # Σₖ rₖ/σₖ²
         return x * prec[:, None] - r.transpose(0, 1) @ self._scaled_means
 

@@ -58,9 +58,7 @@ def draw_noise(x: Tensor, noise: Tensor | None, generator: torch.Generator | Non
         raise ValueError(
             "a sampler step needs randomness: pass generator=torch.Generator().manual_seed(...) or noise=..."
         )
-    # empty_like keeps x's memory layout, so the update below runs on matching strides; for the
-    # usual row-major x this draws exactly what torch.randn(x.shape, generator=...) would.
-    return torch.empty_like(x).normal_(generator=generator)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
 def ula_step(
