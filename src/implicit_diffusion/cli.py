@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     result, files = execute(experiment, config, run_dir)
     print(f"{args.experiment} (seed {config.seed})")
     print(experiment.table(result))
-    print(f"  wall time, whole run                  {time.perf_counter() - start:.2f} s")
+    print(f"  wall time, run and outputs (after start-up): {time.perf_counter() - start:.2f} s")
     print(f"wrote {run_dir}/: {', '.join(files)}")
     return 0
 
