@@ -31,6 +31,7 @@ __all__ = [
     "GaussianMixture",
     "EnergyMLP",
     "as_potential",
+    "autograd_energy_grad",
     "hexagon_mixture",
     "hexagon_centres",
     "HEXAGON_THETA0",
@@ -53,14 +54,7 @@ class Potential(nn.Module):
         created), so a sampler step built on it can be differentiated w.r.t. θ and x.
         Under ``torch.no_grad()`` it is a plain tensor and no parameter gradient is touched.
         """
-        if torch.is_grad_enabled():
-            xr = x if x.requires_grad else x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self(xr).sum(), xr, create_graph=True)
-            return g
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self(xr).sum(), xr)
-        return g
+        return autograd_energy_grad(self, x)
 
     def accumulate_param_grad(self, points: Tensor, weights: Tensor) -> None:
         """Add Σᵢ wᵢ ∇θV(yᵢ, θ) to ``p.grad`` for every parameter p.
@@ -70,6 +64,21 @@ class Potential(nn.Module):
         """
         with torch.enable_grad():
             (weights.detach() * self(points.detach())).sum().backward()
+
+
+def autograd_energy_grad(energy_fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """∇ₓ Σᵢ V(xᵢ) by autograd for any ``energy_fn(x) -> (num_particles,)``.
+
+    With grad mode on (the caller differentiates through the step) the graph is kept
+    (``create_graph=True``); under ``torch.no_grad()`` the result is a plain tensor and no
+    parameter's ``.grad`` is touched.
+    """
+    if torch.is_grad_enabled():
+        xr = x if x.requires_grad else x.detach().requires_grad_(True)
+        return torch.autograd.grad(energy_fn(xr).sum(), xr, create_graph=True)[0]
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        return torch.autograd.grad(energy_fn(xr).sum(), xr)[0]
 
 
 class ModulePotential(Potential):

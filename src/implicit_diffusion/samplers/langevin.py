@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..models.potentials import autograd_energy_grad
+
 __all__ = ["LangevinInfo", "ula_step", "draw_noise", "energy_grad"]
 
 
@@ -35,14 +37,7 @@ _ULA_INFO = LangevinInfo()
 def energy_grad(potential, x: Tensor) -> Tensor:
     """∇ₓV(x), using ``potential.grad_x`` when it has one, autograd otherwise."""
     grad_x = getattr(potential, "grad_x", None)
-    if grad_x is not None:
-        return grad_x(x)
-    if torch.is_grad_enabled():
-        xr = x if x.requires_grad else x.detach().requires_grad_(True)
-        return torch.autograd.grad(potential(xr).sum(), xr, create_graph=True)[0]
-    with torch.enable_grad():
-        xr = x.detach().requires_grad_(True)
-        return torch.autograd.grad(potential(xr).sum(), xr)[0]
+    return grad_x(x) if grad_x is not None else autograd_energy_grad(potential, x)
 
 
 def draw_noise(x: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
