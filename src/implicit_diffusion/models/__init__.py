@@ -1,18 +1,17 @@
-"""Parametric models: potentials V(x, θ) (and, later, score networks)."""
+"""Parametric models: potentials V(x, θ) and time-conditioned score networks."""
 
-from .tilted import TiltedPotential
+from .mixture import HEXAGON_THETA0, GaussianMixture, hexagon_centres, hexagon_mixture
 from .potentials import (
-    HEXAGON_THETA0,
     EnergyMLP,
     FunctionPotential,
-    GaussianMixture,
     GaussianPotential,
     ModulePotential,
     Potential,
     as_potential,
-    hexagon_centres,
-    hexagon_mixture,
+    autograd_energy_grad,
 )
+from .score_nets import ScoreMLP, SinusoidalTimeEmbedding
+from .tilted import TiltedPotential
 
 __all__ = [
     "HEXAGON_THETA0",
@@ -22,8 +21,11 @@ __all__ = [
     "GaussianPotential",
     "ModulePotential",
     "Potential",
+    "ScoreMLP",
+    "SinusoidalTimeEmbedding",
     "TiltedPotential",
     "as_potential",
+    "autograd_energy_grad",
     "hexagon_centres",
     "hexagon_mixture",
 ]
