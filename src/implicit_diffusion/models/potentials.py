@@ -22,6 +22,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_values
+
 __all__ = [
     "Potential",
     "FunctionPotential",
@@ -70,10 +72,15 @@ def autograd_energy_grad(energy_fn: Callable[[Tensor], Tensor], x: Tensor) -> Te
     """
     if torch.is_grad_enabled():
         xr = x if x.requires_grad else x.detach().requires_grad_(True)
-        return torch.autograd.grad(energy_fn(xr).sum(), xr, create_graph=True)[0]
+        return torch.autograd.grad(_energies(energy_fn, xr).sum(), xr, create_graph=True)[0]
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
-        return torch.autograd.grad(energy_fn(xr).sum(), xr)[0]
+        return torch.autograd.grad(_energies(energy_fn, xr).sum(), xr)[0]
+
+
+def _energies(energy_fn, x: Tensor) -> Tensor:
+    name = f"potential {getattr(energy_fn, '__name__', type(energy_fn).__name__)}"
+    return check_values(name, energy_fn(x), x)
 
 
 class ModulePotential(Potential):

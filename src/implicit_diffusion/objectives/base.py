@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._checks import check_values
+
 __all__ = ["Surrogate", "Estimator", "SumEstimator"]
 
 
@@ -32,7 +34,10 @@ class Surrogate(NamedTuple):
 
     def loss(self, potential) -> Tensor:
         """Σⱼ wⱼ V(yⱼ, θ): its gradient w.r.t. θ is Γ. Points and weights are constants."""
-        return sum((w.detach() * potential(y.detach())).sum() for y, w in zip(self.points, self.weights))
+        return sum(
+            (w.detach() * check_values("potential", potential(y.detach()), y)).sum()
+            for y, w in zip(self.points, self.weights)
+        )
 
     def backward(self, potential) -> None:
         """Add Γ to the ``.grad`` of the potential's parameters (closed form if available).
@@ -78,17 +83,3 @@ class SumEstimator(Estimator):
         return Surrogate(
             tuple(y for p in parts for y in p.points), tuple(w for p in parts for w in p.weights), stats
         )
-
-
-def check_values(name: str, values: Tensor, x: Tensor) -> Tensor:
-    """Require ``values`` of shape ``(num_particles,)`` on x's device, naming the function if not."""
-    if not isinstance(values, Tensor):
-        raise TypeError(f"{name} must return a torch.Tensor of shape ({x.shape[0]},), got {type(values).__name__}")
-    if values.shape != x.shape[:1]:
-        raise ValueError(
-            f"{name} must return one value per particle, shape ({x.shape[0]},); got shape {tuple(values.shape)}"
-        )
-    if values.device != x.device:
-        raise ValueError(f"{name} returned a tensor on {values.device}, particles are on {x.device}")
-    return values
-

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .base import Estimator, Surrogate, check_values
+from .._checks import check_values
+from .base import Estimator, Surrogate
 
 __all__ = ["RewardEstimator"]
 
