@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["check_values"]
+__all__ = ["callable_name", "check_values"]
+
+
+def callable_name(obj) -> str:
+    """What an error message calls a user callable: its ``display_name``, ``__name__`` or type."""
+    return getattr(obj, "display_name", None) or getattr(obj, "__name__", None) or type(obj).__name__
 
 
 def check_values(name: str, values, x: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_values
+from .._checks import callable_name, check_values
 
 __all__ = [
     "Potential",
@@ -79,8 +79,7 @@ def autograd_energy_grad(energy_fn: Callable[[Tensor], Tensor], x: Tensor) -> Te
 
 
 def _energies(energy_fn, x: Tensor) -> Tensor:
-    name = f"potential {getattr(energy_fn, '__name__', type(energy_fn).__name__)}"
-    return check_values(name, energy_fn(x), x)
+    return check_values(f"potential {callable_name(energy_fn)}", energy_fn(x), x)
 
 
 class ModulePotential(Potential):
@@ -89,6 +88,10 @@ class ModulePotential(Potential):
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
+
+    @property
+    def display_name(self) -> str:
+        return type(self.module).__name__
 
     def forward(self, x: Tensor) -> Tensor:
         return self.module(x)
@@ -116,6 +119,10 @@ class FunctionPotential(Potential):
             raise TypeError(
                 f"params must be a Tensor or a mapping of names to Tensors, got {type(params).__name__}"
             )
+
+    @property
+    def display_name(self) -> str:
+        return callable_name(self.fn)
 
     def forward(self, x: Tensor) -> Tensor:
         params = dict(self.theta.items()) if self._is_dict else self.theta

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_values
+from .._checks import callable_name, check_values
 
 __all__ = ["Surrogate", "Estimator", "SumEstimator"]
 
@@ -35,7 +35,7 @@ class Surrogate(NamedTuple):
     def loss(self, potential) -> Tensor:
         """Σⱼ wⱼ V(yⱼ, θ): its gradient w.r.t. θ is Γ. Points and weights are constants."""
         return sum(
-            (w.detach() * check_values("potential", potential(y.detach()), y)).sum()
+            (w.detach() * check_values(f"potential {callable_name(potential)}", potential(y.detach()), y)).sum()
             for y, w in zip(self.points, self.weights)
         )
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._checks import check_values
+from .._checks import callable_name, check_values
 from .base import Estimator, Surrogate
 
 __all__ = ["RewardEstimator"]
@@ -33,7 +33,7 @@ class RewardEstimator(Estimator):
     def __init__(self, reward_fn: Callable[[Tensor], Tensor], weight: float = 1.0):
         self.reward_fn = reward_fn
         self.weight = float(weight)
-        self._name = f"reward_fn {getattr(reward_fn, '__name__', type(reward_fn).__name__)}"
+        self._name = f"reward_fn {callable_name(reward_fn)}"
 
     def __call__(self, potential, x: Tensor) -> Surrogate:
         with torch.no_grad():
