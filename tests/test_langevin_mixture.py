@@ -64,3 +64,22 @@ def test_an_interrupted_run_keeps_every_recorded_step():
     assert interrupted
     steps = [r["step"] for r in records if "reward" in r]
     assert steps == list(range(250))  # block size 1000 > 250: all came from the final flush
+
+
+def test_thread_setting_is_restored_and_validated():
+    import pytest
+    import torch
+
+    from implicit_diffusion.errors import ConfigError
+    from implicit_diffusion.experiments.threads import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(0, 100) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0, 10**6) as n:
+        assert n == before
+    run(LangevinMixtureConfig(**{**TINY, "num_steps": 20}))
+    assert torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="num_threads"):
+        LangevinMixtureConfig(num_threads=-1)

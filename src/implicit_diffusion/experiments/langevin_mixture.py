@@ -26,6 +26,7 @@ from ..objectives import KLToReference, RewardEstimator, hexagon_reward, hexagon
 from ..samplers import ula_step
 from .hexagon_exact import MixtureKL, component_reward_expectations
 from .recording import EvalRecorder, ProgressBar, RewardRecorder
+from .threads import torch_threads
 
 __all__ = ["LangevinMixtureConfig", "LangevinMixtureResult", "run"]
 
@@ -54,6 +55,7 @@ class LangevinMixtureConfig:
     tilt_weight: float = 1.0  # λ_s in V − λ_s R_s
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float32"
+    num_threads: int = 0  # 0: 1 thread below 20,000 numbers per batch, torch's default above
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -67,6 +69,8 @@ class LangevinMixtureConfig:
             raise ConfigError(f"config key 'nested_inner_steps' must hold integers >= 1, got {self.nested_inner_steps}")
         if any(s < 0 for s in self.snapshot_steps):
             raise ConfigError(f"config key 'snapshot_steps' must hold integers >= 0, got {self.snapshot_steps}")
+        if self.num_threads < 0:
+            raise ConfigError(f"config key 'num_threads' must be >= 0 (0 = automatic), got {self.num_threads}")
         if self.kl_weight < 0:
             raise ConfigError(f"config key 'kl_weight' must be >= 0, got {self.kl_weight}")
 
@@ -127,6 +131,11 @@ def run(
     metrics_sink: Callable[[list[dict]], None] | None = None,
 ) -> LangevinMixtureResult:
     """Run the experiment; ``metrics_sink`` receives blocks of JSON-ready records as they come."""
+    with torch_threads(config.num_threads, 2 * config.num_particles):
+        return _run(config, metrics_sink)
+
+
+def _run(config: LangevinMixtureConfig, metrics_sink) -> LangevinMixtureResult:
     dtype = getattr(torch, config.dtype)
     generator = torch.Generator().manual_seed(config.seed)
     potential = hexagon_mixture(config.theta0, dtype=dtype)
