@@ -6,7 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_particle_clouds", "plot_reward_curves", "plot_mixture_weights", "running_mean"]
+__all__ = [
+    "plot_particle_clouds",
+    "plot_reward_curves",
+    "plot_mixture_weights",
+    "plot_theta_trajectories",
+    "running_mean",
+]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 
@@ -120,4 +126,20 @@ def plot_mixture_weights(path: str | Path, steps: np.ndarray, weights: np.ndarra
     ax.set_ylim(0, 1)
     ax.set_xlim(steps[0], steps[-1])
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.savefig(path)
+
+
+def plot_theta_trajectories(path: str | Path, curves: dict[str, np.ndarray], optimum: float, *,
+                            ylabel: str = "θ", title: str = "") -> None:
+    """Parameter trajectories against iterations, with the exact optimum as a dashed line."""
+    fig = _figure(6.5, 3.8)
+    ax = fig.subplots()
+    for i, (label, values) in enumerate(curves.items()):
+        ax.plot(np.arange(1, len(values) + 1), values, color=_COLORS[i % len(_COLORS)], lw=1.3, label=label)
+    ax.axhline(optimum, color="k", ls="--", lw=1, label="exact optimum")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.savefig(path)

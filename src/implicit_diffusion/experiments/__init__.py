@@ -1,10 +1,11 @@
 """Experiments: each a frozen config dataclass and ``run(config) -> result``."""
 
-from . import langevin_mixture
+from . import diffusion_gaussian_1d, langevin_mixture
 
-__all__ = ["langevin_mixture", "EXPERIMENTS"]
+__all__ = ["diffusion_gaussian_1d", "langevin_mixture", "EXPERIMENTS"]
 
 # name → module with ``Config``-class attribute and ``run``; the CLI looks experiments up here.
 EXPERIMENTS = {
     "langevin-mixture": langevin_mixture,
+    "diffusion-gaussian-1d": diffusion_gaussian_1d,
 }

@@ -1,17 +1,43 @@
-"""Objectives: estimators Γ(p, θ) as surrogate losses, and reward functions."""
+"""Objectives: estimators Γ(p, θ) as surrogate losses, gradients through finite-horizon
+samplers (adjoint, autograd), path KL (Girsanov), and reward functions."""
 
+from .adjoint import (
+    SamplerGradInfo,
+    TerminalGrad,
+    Trajectory,
+    adjoint_backward,
+    adjoint_step,
+    adjoint_surrogate,
+    adjoint_through_sampler,
+    autograd_through_sampler,
+    sample_with_trajectory,
+    terminal_reward_gradient,
+)
 from .base import Estimator, SumEstimator, Surrogate
+from .girsanov import DiscreteMeanKL, GirsanovKL
 from .kl import ContrastiveKL, KLToReference
 from .reward import RewardEstimator
 from .rewards import hexagon_reward, hexagon_reward_smooth
 
 __all__ = [
     "ContrastiveKL",
+    "DiscreteMeanKL",
     "Estimator",
+    "GirsanovKL",
     "KLToReference",
     "RewardEstimator",
+    "SamplerGradInfo",
     "SumEstimator",
     "Surrogate",
+    "TerminalGrad",
+    "Trajectory",
+    "adjoint_backward",
+    "adjoint_step",
+    "adjoint_surrogate",
+    "adjoint_through_sampler",
+    "autograd_through_sampler",
     "hexagon_reward",
     "hexagon_reward_smooth",
+    "sample_with_trajectory",
+    "terminal_reward_gradient",
 ]

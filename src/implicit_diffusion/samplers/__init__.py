@@ -1,5 +1,36 @@
-"""Sampler steps. Each family shares one step signature (see :mod:`.langevin`)."""
+"""Sampler steps and noise schedules. Each family shares one step signature:
 
+- Langevin (:mod:`.langevin`): ``step(x, potential, *, step_size, generator=None, noise=None) -> (x, info)``
+- diffusion (:mod:`.diffusion`): ``step(x, model, m, *, schedule, generator=None, noise=None,
+  prediction="score") -> x``
+"""
+
+from .diffusion import (
+    DIFFUSION_STEPS,
+    ddim_step,
+    ddpm_step,
+    euler_maruyama_step,
+    probability_flow_euler_step,
+    probability_flow_heun_step,
+    sample,
+)
 from .langevin import LangevinInfo, draw_noise, energy_grad, ula_step
+from .schedules import VPSchedule, to_epsilon, to_score, to_x0
 
-__all__ = ["LangevinInfo", "draw_noise", "energy_grad", "ula_step"]
+__all__ = [
+    "DIFFUSION_STEPS",
+    "LangevinInfo",
+    "VPSchedule",
+    "ddim_step",
+    "ddpm_step",
+    "draw_noise",
+    "energy_grad",
+    "euler_maruyama_step",
+    "probability_flow_euler_step",
+    "probability_flow_heun_step",
+    "sample",
+    "to_epsilon",
+    "to_score",
+    "to_x0",
+    "ula_step",
+]

@@ -1,0 +1,187 @@
+"""Finite-horizon Implicit Diffusion: the queue of partially sampled batches.
+
+Marion et al. 2024, §4 (finite time): a sampler of M steps x_{m+1} = φ_m(x_m, θ, ξ_m) is kept
+busy as a queue of M batches, slot j holding a batch that has undergone j steps. Each
+iteration k:
+
+1. a fresh batch x₀ ~ p₀ enters slot 0;
+2. every slot advances one step with the current θ_k, **in one batched call** (per-sample
+   step index m);
+3. the batch that completes its M-th step leaves the queue and gives the gradient Γ_k,
+   through the adjoint of its trajectory (objectives.adjoint), and θ_{k+1} = θ_k − η Γ_k.
+
+The adjoint is either a *sequential* sweep over the exiting batch (M backward steps at
+once) or *pipelined*: every in-flight adjoint advances one backward step per iteration, in
+one batched call, so each iteration costs O(1) batched forward and backward calls. Memory:
+M batches in flight plus their stored trajectories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..objectives.adjoint import adjoint_step, terminal_reward_gradient
+from .base import Callback
+
+__all__ = ["DiffusionQueue"]
+
+
+class _Flight:
+    """One batch in the queue: its states x_0..x_j and the noises that produced them."""
+
+    __slots__ = ("states", "noises")
+
+    def __init__(self, x0: Tensor):
+        self.states = [x0]
+        self.noises: list[Tensor] = []
+
+
+class _Adjoint:
+    """One exited batch whose adjoint a_{m+1} is being swept backwards (pipelined mode)."""
+
+    __slots__ = ("flight", "a", "m")
+
+    def __init__(self, flight: _Flight, a: Tensor, m: int):
+        self.flight, self.a, self.m = flight, a, m
+
+
+class DiffusionQueue:
+    """The queue algorithm with a terminal reward (and an optional running cost).
+
+    Args:
+        model: the score model ``model(x, t)`` whose parameters are θ.
+        step: a diffusion step ``step(x, model, m, *, schedule, generator, noise, prediction)``.
+        schedule: the discretisation (``schedule.times`` has M + 1 entries).
+        optimizer: any ``torch.optim`` optimizer over θ.
+        init_fn: ``init_fn(generator) -> (batch, *event)`` draws p₀ (e.g. N(0, I)).
+        reward_fn: ``R(x) -> (batch,)``, differentiable in x; the loss is −λ·mean R(x_M).
+        reward_weight: λ.
+        running_cost: optional ``c(x, m) -> scalar`` added at every step (e.g.
+            objectives.GirsanovKL for β·KL(path_θ‖path_θ₀)).
+        adjoint: ``"sequential"`` or ``"pipelined"``.
+        max_grad_norm: optional gradient clipping before each optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        step,
+        schedule,
+        optimizer: torch.optim.Optimizer,
+        *,
+        init_fn: Callable[[torch.Generator], Tensor],
+        reward_fn: Callable[[Tensor], Tensor],
+        reward_weight: float = 1.0,
+        running_cost: Callable[[Tensor, int], Tensor] | None = None,
+        adjoint: Literal["sequential", "pipelined"] = "sequential",
+        prediction: str = "score",
+        max_grad_norm: float | None = None,
+    ):
+        if adjoint not in ("sequential", "pipelined"):
+            raise ValueError(f"adjoint must be 'sequential' or 'pipelined', got {adjoint!r}")
+        self.model = model
+        self.step_fn = step
+        self.schedule = schedule
+        self.optimizer = optimizer
+        self.init_fn = init_fn
+        self.reward_fn = reward_fn
+        self.reward_weight = float(reward_weight)
+        self.running_cost = running_cost
+        self.adjoint = adjoint
+        self.prediction = prediction
+        self.max_grad_norm = max_grad_norm
+        self.num_sampling_steps = len(schedule.times) - 1
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.flights: list[_Flight] = []  # flights[j] has undergone j steps, j < M
+        self.adjoints: list[_Adjoint] = []
+
+    # -- forward: advance every slot by one step in one batched call -------------------------
+    def _advance(self, generator: torch.Generator) -> _Flight | None:
+        """Insert a fresh batch, advance all slots; return the batch that completed M steps."""
+        self.flights.insert(0, _Flight(self.init_fn(generator)))
+        xs = torch.cat([f.states[-1] for f in self.flights])
+        sizes = [f.states[-1].shape[0] for f in self.flights]
+        m = torch.cat([torch.full((n,), len(f.noises), dtype=torch.long) for f, n in zip(self.flights, sizes)])
+        noise = torch.randn(xs.shape, generator=generator, dtype=xs.dtype, device=xs.device)
+        # Particles carried to the next iteration hold no graph: the gradient comes from the
+        # adjoint, which recomputes each step on its own.
+        with torch.no_grad():
+            ys = self.step_fn(xs, self.model, m, schedule=self.schedule, noise=noise, prediction=self.prediction)
+        for f, y, n in zip(self.flights, ys.split(sizes), noise.split(sizes)):
+            f.states.append(y)
+            f.noises.append(n)
+        if len(self.flights[-1].noises) == self.num_sampling_steps:
+            return self.flights.pop()
+        return None
+
+    # -- backward: one adjoint step for a set of (batch, m, a_{m+1}) -------------------------
+    def _adjoint_step(self, items: list[tuple[Tensor, Tensor, Tensor, int]]) -> list[Tensor]:
+        """For each (x_m, ξ_m, a_{m+1}, m): accumulate (∂θφ_m)ᵀa_{m+1} (+ ∇θc_m) into ``.grad``
+        and return a_m, all items in one batched call (objectives.adjoint.adjoint_step)."""
+        sizes = [x.shape[0] for x, _, _, _ in items]
+        x = torch.cat([x for x, _, _, _ in items])
+        noise = torch.cat([n for _, n, _, _ in items])
+        a = torch.cat([a for _, _, a, _ in items])
+        m = torch.cat([torch.full((s,), it[3], dtype=torch.long) for s, it in zip(sizes, items)])
+        cost = None
+        if self.running_cost is not None:
+            steps = [it[3] for it in items]
+
+            def cost(xs: Tensor, _m: Tensor) -> Tensor:  # the cost takes one integer step index
+                return sum(self.running_cost(part, mi) for part, mi in zip(xs.split(sizes), steps))
+
+        a_m, _ = adjoint_step(self.step_fn, self.model, m, x, a, noise, schedule=self.schedule,
+                              running_cost=cost, params=self.params, prediction=self.prediction)
+        return list(a_m.split(sizes))
+
+    def _sequential_sweep(self, flight: _Flight, a: Tensor) -> None:
+        for m in range(self.num_sampling_steps - 1, -1, -1):
+            (a,) = self._adjoint_step([(flight.states[m], flight.noises[m], a, m)])
+
+    def _pipelined_sweep(self, exited: _Flight | None, a: Tensor | None) -> None:
+        if exited is not None:
+            self.adjoints.append(_Adjoint(exited, a, self.num_sampling_steps - 1))
+        if not self.adjoints:
+            return
+        items = [(j.flight.states[j.m], j.flight.noises[j.m], j.a, j.m) for j in self.adjoints]
+        new_a = self._adjoint_step(items)
+        alive = []
+        for j, a_m in zip(self.adjoints, new_a):
+            j.a, j.m = a_m, j.m - 1
+            if j.m >= 0:
+                alive.append(j)
+        self.adjoints = alive
+
+    def step(self, k: int, *, generator: torch.Generator) -> dict:
+        """One iteration; returns the statistics of the exiting batch (empty while filling)."""
+        for p in self.params:
+            p.grad = None
+        exited = self._advance(generator)
+        stats: dict = {}
+        a = None
+        if exited is not None:
+            terminal = terminal_reward_gradient(self.reward_fn, exited.states[-1], self.reward_weight)
+            a, stats = terminal.grad, {"reward": terminal.reward}
+        if self.adjoint == "sequential":
+            if exited is not None:
+                self._sequential_sweep(exited, a)
+        else:
+            self._pipelined_sweep(exited, a)
+        if any(p.grad is not None for p in self.params):
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+        return stats
+
+    def run(self, num_steps: int, *, generator: torch.Generator, start: int = 0,
+            callbacks: Iterable[Callback] = ()) -> None:
+        """Run ``num_steps`` iterations (the first M fill the queue: no θ update from them)."""
+        callbacks = tuple(callbacks)
+        for k in range(start, start + num_steps):
+            stats = self.step(k, generator=generator)
+            for cb in callbacks:
+                cb(k, None, stats)

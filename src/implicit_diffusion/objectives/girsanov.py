@@ -1,0 +1,194 @@
+"""KL to the pretrained diffusion as a running cost (Girsanov; Marion et al. 2024, §3 and §5.2).
+
+Reverse SDE in the OU convention (paper-notes §2), started from the same Y_0 ~ N(0, I):
+
+    dY_t = {Y_t + 2 s(Y_t, T−t)} dt + √2 dB_t.
+
+The finetuned (θ) and pretrained (θ₀) processes share start and diffusion σ = √2 and differ in
+drift by Δμ = 2(s_θ − s_θ₀). Girsanov: KL(path_θ ‖ path_θ₀) = E_θ ½∫₀ᵀ ‖Δμ‖²/σ² dt, and
+½·‖2Δs‖²/2 = ‖Δs‖², so
+
+    KL(path_θ ‖ path_θ₀) = ∫₀ᵀ E_{Y_t ∼ θ} ‖s_θ(Y_t, T−t) − s_θ₀(Y_t, T−t)‖² dt     (constant 1).
+
+For a VP schedule with noise rate β(t) (reverse drift ½βy + βs, diffusion √β), Δμ = βΔs and the
+integrand becomes ½β(t)‖Δs‖²; β ≡ 2 is the OU case. The KL bounds KL(π*(θ) ‖ π*(θ₀)) (data
+processing). On the sampler's grid of forward-process times t_0 > t_1 > … > t_M (step m
+evaluates the model at t_m, h_m = t_m − t_{m+1}) the running cost of :class:`GirsanovKL` is
+
+    c_m(x_m, θ) = w ½β(t_m) h_m (1/B) Σ_i ‖s_θ(x_m,i, t_m) − s_θ₀(x_m,i, t_m)‖²   (‖·‖² over event dims),
+
+= w h_m (1/B) Σ_i ‖Δs‖² in the OU convention (w the KL weight, "β" of the paper's objective).
+For the Euler–Maruyama chain x_{m+1} = x_m + h_m(x_m + 2s(x_m, t_m)) + √(2h_m) z this is the
+exact KL of the discrete chains, not only a Riemann sum: the transitions N(μ_θ, 2h_m I) and
+N(μ_θ₀, 2h_m I) have μ_θ − μ_θ₀ = 2h_mΔs, so their KL is ‖2h_mΔs‖²/(2·2h_m) = h_m‖Δs‖², summed
+over m by the chain rule (likewise ½β h_m‖Δs‖² for the VP Euler–Maruyama step).
+:class:`DiscreteMeanKL` is that formula for any step x_{m+1} = μ_θ(x_m) + σ_m z (the
+DDPM-discrete form Σ_m E‖μ_θ − μ_θ₀‖²/(2σ_m²)).
+
+θ₀ is a frozen copy of the model's parameters and buffers taken at construction, evaluated with
+``torch.func.functional_call`` (as :class:`~.kl.KLToReference` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from .adjoint import Trajectory
+
+__all__ = ["GirsanovKL", "DiscreteMeanKL"]
+
+
+class _Frozen(torch.nn.Module):
+    """``model``'s forward with θ₀ = a detached copy of its state now; no parameters of its own."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        # Not a submodule: its parameters are the live θ, which must not be reached from here.
+        object.__setattr__(self, "_live", model)
+        self._state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self._live, self._state, args, kwargs)
+
+
+class GirsanovKL:
+    """Running cost c(x, m) = w ½β(t_m) h_m (1/B) Σ_i ‖s_θ(x_i, t_m) − s_θ₀(x_i, t_m)‖², a 0-d tensor.
+
+    (= w h_m (1/B) Σ_i ‖Δs‖² in the OU convention β ≡ 2.) Pass it as ``running_cost`` to
+    :func:`~.adjoint.adjoint_through_sampler` (or :func:`~.adjoint.adjoint_backward`): it is
+    differentiable in x and θ, and the sweep's ``running_cost`` report is then
+    w·KL(path_θ ‖ path_θ₀) along the sampled path.
+
+    Args:
+        model: the score model being finetuned, ``model(x, t)`` with x ``(B, *event)``, t ``(B,)``.
+            θ₀ = its parameters and buffers now.
+        times: forward-process times t_0 > … > t_M, a tensor ``(M+1,)``, or the sampler's
+            schedule (any object with such a ``times`` attribute).
+        weight: w ≥ 0, the KL weight.
+        beta: the noise rate β(t) of a VP schedule, ``beta(times) -> same shape``. Default: the
+            schedule's own ``beta`` method when ``times`` is a schedule that has one
+            (``samplers.schedules.VPSchedule``), else β ≡ 2 (the OU convention).
+        to_score: ``to_score(output, x, t) -> score`` when the model does not output the score,
+            e.g. ε-prediction with noise level σ(t): ``lambda eps, x, t: -eps / sigma(t)[:, None]``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        times,
+        weight: float = 1.0,
+        *,
+        to_score: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+        beta: Callable[[Tensor], Tensor] | None = None,
+    ):
+        if not weight >= 0:
+            raise ValueError(f"weight must be ≥ 0, got {weight}")
+        self.model = model
+        self.reference = _Frozen(model)
+        self.weight = float(weight)
+        self.to_score = to_score
+        beta = getattr(times, "beta", None) if beta is None else beta
+        self.times = _decreasing_times(times)
+        t = self.times.tolist()
+        rate = [2.0] * (len(t) - 1) if beta is None else _rates(beta, self.times[:-1])
+        # ½β(t_m)·h_m: Girsanov's ½‖Δμ‖²/g² with Δμ = βΔs and g² = β (= h_m when β ≡ 2)
+        self.step_weights = [0.5 * rate[m] * (t[m] - t[m + 1]) for m in range(len(t) - 1)]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step_weights)
+
+    def score_gap(self, x: Tensor, m: int) -> Tensor:
+        """‖s_θ(x_i, t_m) − s_θ₀(x_i, t_m)‖² per particle, shape ``(B,)``."""
+        if not 0 <= m < self.num_steps:
+            raise ValueError(f"step index m must be in 0..{self.num_steps - 1}, got {m}")
+        t = torch.full((x.shape[0],), float(self.times[m]), dtype=x.dtype, device=x.device)
+        gap = self._score(self.model, x, t) - self._score(self.reference, x, t)
+        return gap.square().flatten(1).sum(1)
+
+    def __call__(self, x: Tensor, m: int) -> Tensor:
+        return (self.weight * self.step_weights[m]) * self.score_gap(x, m).mean()
+
+    def path_kl(self, states: Trajectory | Tensor | Sequence[Tensor]) -> Tensor:
+        """Σ_m ½β(t_m) h_m (1/B) Σ_i ‖Δs(x_m,i, t_m)‖²: KL(path_θ ‖ path_θ₀) along stored states (no w).
+
+        ``states``: x_0..x_M as ``(M+1, B, *event)``, a sequence, or a ``store="states"``
+        :class:`~.adjoint.Trajectory`. Computed without a graph.
+        """
+        if isinstance(states, Trajectory):
+            if states.stride != 1:
+                raise ValueError("a store='noise' Trajectory keeps checkpoints only: sample with store='states'")
+            states = states.states
+        if len(states) != self.num_steps + 1:
+            raise ValueError(f"expected the {self.num_steps + 1} states x_0..x_M, got {len(states)}")
+        with torch.no_grad():
+            return sum(c * self.score_gap(states[m], m).mean() for m, c in enumerate(self.step_weights))
+
+    def _score(self, net, x: Tensor, t: Tensor) -> Tensor:
+        out = net(x, t)
+        return out if self.to_score is None else self.to_score(out, x, t)
+
+
+class DiscreteMeanKL:
+    """Running cost c_m = w (1/B) Σ_i ‖μ_θ(x_m,i) − μ_θ₀(x_m,i)‖² / (2σ_m²) (DDPM-discrete path KL).
+
+    μ(x) = ``step(x, model, m, noise=0)``: the step's mean, for any step of the form
+    x_{m+1} = μ_θ(x_m) + σ_m z with z ~ N(0, I) (Euler–Maruyama: σ_m = √(2h_m), where this equals
+    :class:`GirsanovKL` exactly; DDPM ancestral: σ_m² the posterior variance). Steps with
+    σ_m = 0 (a deterministic last step) are left out: their transition KL is infinite unless
+    the means agree, and the usual practice drops them. Costs two extra step calls per m.
+
+    Args:
+        step: the sampler step, ``step(x, model, m, *, schedule, noise, **step_kwargs)``.
+        model: the network being finetuned; θ₀ = its parameters and buffers now.
+        noise_std: σ_0..σ_{M−1}.
+        weight: w ≥ 0, the KL weight.
+    """
+
+    def __init__(
+        self, step, model: torch.nn.Module, noise_std: Sequence[float], weight: float = 1.0, *, schedule, **step_kwargs
+    ):
+        if not weight >= 0:
+            raise ValueError(f"weight must be ≥ 0, got {weight}")
+        self.noise_std = [float(s) for s in noise_std]
+        if any(not s >= 0 for s in self.noise_std):
+            raise ValueError(f"noise_std must be ≥ 0, got {self.noise_std}")
+        self.step, self.model, self.reference = step, model, _Frozen(model)
+        self.weight, self.schedule, self.step_kwargs = float(weight), schedule, step_kwargs
+
+    def mean_gap(self, x: Tensor, m: int) -> Tensor:
+        """‖μ_θ(x_i) − μ_θ₀(x_i)‖² / (2σ_m²) per particle, shape ``(B,)`` (zeros if σ_m = 0)."""
+        sigma = self.noise_std[m]
+        if sigma == 0:
+            return x.new_zeros(x.shape[0])
+        zero = torch.zeros_like(x)
+        gap = self._mean(self.model, x, m, zero) - self._mean(self.reference, x, m, zero)
+        return gap.square().flatten(1).sum(1) / (2 * sigma**2)
+
+    def __call__(self, x: Tensor, m: int) -> Tensor:
+        return self.weight * self.mean_gap(x, m).mean()
+
+    def _mean(self, net, x, m, zero):
+        out = self.step(x, net, m, schedule=self.schedule, noise=zero, **self.step_kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _rates(beta, times: Tensor) -> list[float]:
+    rate = torch.as_tensor(beta(times), dtype=torch.float64).expand(times.shape).tolist()
+    if any(not r > 0 for r in rate):
+        raise ValueError(f"beta(t) must be > 0 on the grid, got {rate}")
+    return rate
+
+
+def _decreasing_times(times) -> Tensor:
+    times = getattr(times, "times", times)
+    times = torch.as_tensor(times).detach().to("cpu", torch.float64)
+    if times.ndim != 1 or times.numel() < 2:
+        raise ValueError(f"times must have shape (M+1,) with M ≥ 1, got {tuple(times.shape)}")
+    if not bool((times[:-1] > times[1:]).all()):
+        raise ValueError("times must be strictly decreasing t_0 > … > t_M (forward-process times, run backwards)")
+    return times
