@@ -18,14 +18,13 @@ M batches in flight plus their stored trajectories.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..objectives.adjoint import adjoint_step, terminal_reward_gradient
-from .base import Callback
+from .diffusion_base import DiffusionAlgorithm
 
 __all__ = ["DiffusionQueue"]
 
@@ -49,53 +48,18 @@ class _Adjoint:
         self.flight, self.a, self.m = flight, a, m
 
 
-class DiffusionQueue:
+class DiffusionQueue(DiffusionAlgorithm):
     """The queue algorithm with a terminal reward (and an optional running cost).
 
-    Args:
-        model: the score model ``model(x, t)`` whose parameters are θ.
-        step: a diffusion step ``step(x, model, m, *, schedule, generator, noise, prediction)``.
-        schedule: the discretisation (``schedule.times`` has M + 1 entries).
-        optimizer: any ``torch.optim`` optimizer over θ.
-        init_fn: ``init_fn(generator) -> (batch, *event)`` draws p₀ (e.g. N(0, I)).
-        reward_fn: ``R(x) -> (batch,)``, differentiable in x; the loss is −λ·mean R(x_M).
-        reward_weight: λ.
-        running_cost: optional ``c(x, m) -> scalar`` added at every step (e.g.
-            objectives.GirsanovKL for β·KL(path_θ‖path_θ₀)).
-        adjoint: ``"sequential"`` or ``"pipelined"``.
-        max_grad_norm: optional gradient clipping before each optimizer step.
+    Arguments as :class:`~.diffusion_base.DiffusionAlgorithm`, plus ``adjoint``:
+    ``"sequential"`` or ``"pipelined"``.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        step,
-        schedule,
-        optimizer: torch.optim.Optimizer,
-        *,
-        init_fn: Callable[[torch.Generator], Tensor],
-        reward_fn: Callable[[Tensor], Tensor],
-        reward_weight: float = 1.0,
-        running_cost: Callable[[Tensor, int], Tensor] | None = None,
-        adjoint: Literal["sequential", "pipelined"] = "sequential",
-        prediction: str = "score",
-        max_grad_norm: float | None = None,
-    ):
+    def __init__(self, *args, adjoint: Literal["sequential", "pipelined"] = "sequential", **kwargs):
         if adjoint not in ("sequential", "pipelined"):
             raise ValueError(f"adjoint must be 'sequential' or 'pipelined', got {adjoint!r}")
-        self.model = model
-        self.step_fn = step
-        self.schedule = schedule
-        self.optimizer = optimizer
-        self.init_fn = init_fn
-        self.reward_fn = reward_fn
-        self.reward_weight = float(reward_weight)
-        self.running_cost = running_cost
+        super().__init__(*args, **kwargs)
         self.adjoint = adjoint
-        self.prediction = prediction
-        self.max_grad_norm = max_grad_norm
-        self.num_sampling_steps = len(schedule.times) - 1
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.flights: list[_Flight] = []  # flights[j] has undergone j steps, j < M
         self.adjoints: list[_Adjoint] = []
 
@@ -158,8 +122,7 @@ class DiffusionQueue:
 
     def step(self, k: int, *, generator: torch.Generator) -> dict:
         """One iteration; returns the statistics of the exiting batch (empty while filling)."""
-        for p in self.params:
-            p.grad = None
+        self._zero_grad()
         exited = self._advance(generator)
         stats: dict = {}
         a = None
@@ -171,17 +134,5 @@ class DiffusionQueue:
                 self._sequential_sweep(exited, a)
         else:
             self._pipelined_sweep(exited, a)
-        if any(p.grad is not None for p in self.params):
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-            self.optimizer.step()
+        self._update()  # no θ update while the queue fills (first M − 1 iterations)
         return stats
-
-    def run(self, num_steps: int, *, generator: torch.Generator, start: int = 0,
-            callbacks: Iterable[Callback] = ()) -> None:
-        """Run ``num_steps`` iterations (the first M fill the queue: no θ update from them)."""
-        callbacks = tuple(callbacks)
-        for k in range(start, start + num_steps):
-            stats = self.step(k, generator=generator)
-            for cb in callbacks:
-                cb(k, None, stats)

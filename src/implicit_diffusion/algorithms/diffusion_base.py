@@ -1,0 +1,80 @@
+"""What the finite-horizon (diffusion) algorithms share: their ingredients, the θ update, the run loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .base import Callback
+
+__all__ = ["DiffusionAlgorithm"]
+
+
+class DiffusionAlgorithm:
+    """Base of :class:`~.queue.DiffusionQueue` and :class:`~.diffusion_nested.DiffusionNestedLoop`.
+
+    Args:
+        model: the score model ``model(x, t)`` whose parameters are θ.
+        step: a diffusion step ``step(x, model, m, *, schedule, generator, noise, prediction)``.
+        schedule: the discretisation (``schedule.times`` has M + 1 entries).
+        optimizer: any ``torch.optim`` optimizer over θ.
+        init_fn: ``init_fn(generator) -> (batch, *event)`` draws p₀ (e.g. N(0, I)).
+        reward_fn: ``R(x) -> (batch,)``, differentiable in x; the loss is −λ·mean R(x_M).
+        reward_weight: λ.
+        running_cost: optional ``c(x, m) -> scalar`` added at every step (e.g.
+            objectives.GirsanovKL for β·KL(path_θ‖path_θ₀)).
+        prediction: what the model outputs (``"score"``, ``"epsilon"``, ``"x0"``).
+        max_grad_norm: optional gradient clipping before each optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        step,
+        schedule,
+        optimizer: torch.optim.Optimizer,
+        *,
+        init_fn: Callable[[torch.Generator], Tensor],
+        reward_fn: Callable[[Tensor], Tensor],
+        reward_weight: float = 1.0,
+        running_cost: Callable[[Tensor, int], Tensor] | None = None,
+        prediction: str = "score",
+        max_grad_norm: float | None = None,
+    ):
+        self.model = model
+        self.step_fn = step
+        self.schedule = schedule
+        self.optimizer = optimizer
+        self.init_fn = init_fn
+        self.reward_fn = reward_fn
+        self.reward_weight = float(reward_weight)
+        self.running_cost = running_cost
+        self.prediction = prediction
+        self.max_grad_norm = max_grad_norm
+        self.num_sampling_steps = len(schedule.times) - 1
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _update(self) -> None:
+        """Clip (if asked) and take the optimizer step, when some gradient has arrived."""
+        if any(p.grad is not None for p in self.params):
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+
+    def step(self, k: int, *, generator: torch.Generator) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, num_steps: int, *, generator: torch.Generator, start: int = 0,
+            callbacks: Iterable[Callback] = ()) -> None:
+        """Run ``num_steps`` iterations; callbacks get ``(k, None, stats)``."""
+        callbacks = tuple(callbacks)
+        for k in range(start, start + num_steps):
+            stats = self.step(k, generator=generator)
+            for cb in callbacks:
+                cb(k, None, stats)
