@@ -63,3 +63,20 @@ def var_within(samples: torch.Tensor, var: float, z: float = Z) -> bool:
     """|s² − σ²| ≤ z·σ²√(2/(n−1)) for i.i.d. Gaussian draws (SE of a sample variance)."""
     n = samples.numel()
     return abs(float(samples.var()) - var) <= z * var * math.sqrt(2.0 / (n - 1))
+
+
+def randn64(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    """Standard normal float64 draws from ``generator``."""
+    return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+def energy_mlp64(dim: int = 2):
+    """A float64 EnergyMLP with fixed, moderately sized weights (seed 123)."""
+    from implicit_diffusion.models import EnergyMLP
+
+    g = torch.Generator().manual_seed(123)
+    V = EnergyMLP(dim, hidden=8, depth=2).double()
+    with torch.no_grad():
+        for p in V.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    return V

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close64, f64
+from conftest import assert_close64, f64, randn64
 
 from implicit_diffusion.algorithms import LR_SCHEDULES, NestedLoop, SingleLoop, make_lr_scheduler
 from implicit_diffusion.models import (
@@ -23,8 +23,6 @@ from implicit_diffusion.objectives import Estimator, KLToReference, RewardEstima
 from implicit_diffusion.samplers import ula_step
 
 
-def randn64(generator, *shape):
-    return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
 
 def clone_generator(g: torch.Generator) -> torch.Generator:

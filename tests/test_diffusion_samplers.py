@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import Z, assert_close64, f64, mean_within, var_within
+from conftest import Z, assert_close64, f64, mean_within, randn64, var_within
 from torch import nn
 
 from implicit_diffusion.samplers.diffusion import (
@@ -34,8 +34,6 @@ KINDS = ["ou", "linear", "cosine"]
 PREDICTIONS = ["score", "epsilon", "x0"]
 
 
-def randn64(generator, *shape):
-    return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
 
 def col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import Z, assert_close64, f64
+from conftest import Z, assert_close64, f64, randn64
 
 from implicit_diffusion.algorithms import SingleLoop
 from implicit_diffusion.models import EnergyMLP, GaussianMixture, GaussianPotential, hexagon_mixture
@@ -24,8 +24,6 @@ from implicit_diffusion.objectives import (
 )
 
 
-def randn64(generator, *shape):
-    return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
 
 def first_coord_squared(x):

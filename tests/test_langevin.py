@@ -7,23 +7,14 @@ import math
 
 import pytest
 import torch
-from conftest import Z, assert_close64, f64, mean_within, var_within
+from conftest import Z, assert_close64, energy_mlp64, f64, mean_within, randn64, var_within
 
 from implicit_diffusion.models import EnergyMLP, GaussianMixture, GaussianPotential, as_potential, hexagon_mixture
 from implicit_diffusion.samplers import LangevinInfo, energy_grad, ula_step
 
 
-def randn64(generator, *shape):
-    return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
 
-def energy_mlp64(dim: int = 2) -> EnergyMLP:
-    g = torch.Generator().manual_seed(123)
-    V = EnergyMLP(dim, hidden=8, depth=2).double()
-    with torch.no_grad():
-        for p in V.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
-    return V
 
 
 def plain_quadratic(x):

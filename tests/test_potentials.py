@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import Z, assert_close64, f64
+from conftest import Z, assert_close64, energy_mlp64, f64
 from torch import nn
 from torch.func import functional_call
 
@@ -403,17 +403,10 @@ def test_gaussian_potential_errors_and_copy():
 # ---------------------------------------------------------------------------------------------
 
 
-def energy_mlp64(dim: int = 3) -> EnergyMLP:
-    g = torch.Generator().manual_seed(123)
-    V = EnergyMLP(dim, hidden=8, depth=2).double()
-    with torch.no_grad():
-        for p in V.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
-    return V
 
 
 def test_energy_mlp_shapes_and_generic_grads(generator):
-    V = energy_mlp64()
+    V = energy_mlp64(3)
     x = points(generator, n=11, dim=3)
     assert V(x).shape == (11,)
     assert V(x[:1]).shape == (1,)
@@ -431,7 +424,7 @@ def test_energy_mlp_shapes_and_generic_grads(generator):
 
 
 def test_generic_grad_x_in_grad_mode_keeps_graph(generator):
-    V = energy_mlp64()
+    V = energy_mlp64(3)
     x = points(generator, n=4, dim=3)
     g = V.grad_x(x)
     assert g.requires_grad  # create_graph: a step built on it is differentiable in θ

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close64, f64
+from conftest import assert_close64, f64, randn64
 
 from implicit_diffusion.samplers.schedules import (
     PREDICTIONS,
@@ -22,8 +22,6 @@ from implicit_diffusion.samplers.schedules import (
 KINDS = list(SCHEDULE_KINDS)
 
 
-def randn64(generator, *shape):
-    return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
 
 def grid(schedule: VPSchedule, n: int = 101) -> torch.Tensor:
