@@ -47,3 +47,14 @@ def test_reward_of_wrong_type_or_shape_is_named(reward, error, fragment):
     with pytest.raises(error, match="reward_fn <lambda>") as e:
         run_one_step(good_energy, reward)
     e.match(fragment)
+
+
+def test_boolean_indicator_reward_is_accepted():
+    """R(x) = 1[x₁ > 0] returned as a bool tensor works like its float version."""
+    from implicit_diffusion.objectives import RewardEstimator
+
+    V = FunctionPotential(good_energy, torch.zeros(2))
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    a = RewardEstimator(lambda x: x[:, 0] > 0)(V, x)
+    b = RewardEstimator(lambda x: (x[:, 0] > 0).float())(V, x)
+    assert torch.equal(a.weights[0], b.weights[0]) and torch.equal(a.stats["reward"], b.stats["reward"])

@@ -38,6 +38,8 @@ class RewardEstimator(Estimator):
     def __call__(self, potential, x: Tensor) -> Surrogate:
         with torch.no_grad():
             r = check_values(self._name, self.reward_fn(x), x)
+            if not r.is_floating_point():  # an indicator returned as bool or int
+                r = r.to(x.dtype)
             r_mean = r.mean()
             w = (r - r_mean).mul_(self.weight / max(x.shape[0] - 1, 1))
         return Surrogate((x,), (w,), {"reward": r_mean})
