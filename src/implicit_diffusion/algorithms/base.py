@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..objectives.base import Surrogate
 
-__all__ = ["Callback", "StepSize", "apply_surrogate", "resolve_step_size", "run_steps"]
+__all__ = ["Callback", "StepSize", "apply_surrogate", "clear_grads", "resolve_step_size", "run_steps"]
 
 # callback(k, particles, stats) after θ update k; stats hold 0-d tensors (no host sync).
 Callback = Callable[[int, Tensor, dict], None]
@@ -22,13 +22,16 @@ def resolve_step_size(step_size: StepSize, k: int) -> float:
     return step_size(k) if callable(step_size) else step_size
 
 
+def clear_grads(params: Iterable[Tensor]) -> None:
+    """What ``optimizer.zero_grad(set_to_none=True)`` does, without its profiler bookkeeping,
+    which costs as much as the rest of a small Langevin step on CPU."""
+    for p in params:
+        p.grad = None
+
+
 def apply_surrogate(potential, surrogate: Surrogate, optimizer: torch.optim.Optimizer, lr_scheduler=None) -> None:
     """θ ← optimizer step with gradient Γ (the gradient of ``surrogate.loss``)."""
-    # What optimizer.zero_grad(set_to_none=True) does, without its profiler bookkeeping,
-    # which costs as much as the rest of a small Langevin step on CPU.
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
+    clear_grads(p for group in optimizer.param_groups for p in group["params"])
     surrogate.backward(potential)
     optimizer.step()
     if lr_scheduler is not None:

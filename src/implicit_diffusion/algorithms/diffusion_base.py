@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from .base import Callback
+from .base import Callback, run_steps
 
 __all__ = ["DiffusionAlgorithm"]
 
@@ -56,10 +56,6 @@ class DiffusionAlgorithm:
         self.num_sampling_steps = len(schedule.times) - 1
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def _zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
     def _update(self) -> None:
         """Clip (if asked) and take the optimizer step, when some gradient has arrived."""
         if any(p.grad is not None for p in self.params):
@@ -72,9 +68,6 @@ class DiffusionAlgorithm:
 
     def run(self, num_steps: int, *, generator: torch.Generator, start: int = 0,
             callbacks: Iterable[Callback] = ()) -> None:
-        """Run ``num_steps`` iterations; callbacks get ``(k, None, stats)``."""
-        callbacks = tuple(callbacks)
-        for k in range(start, start + num_steps):
-            stats = self.step(k, generator=generator)
-            for cb in callbacks:
-                cb(k, None, stats)
+        """Run ``num_steps`` iterations; callbacks get ``(k, None, stats)`` (no particles to carry)."""
+        run_steps(lambda _x, k: (None, self.step(k, generator=generator)), None, num_steps, start=start,
+                  callbacks=callbacks)

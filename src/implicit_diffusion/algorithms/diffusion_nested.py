@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from ..objectives.adjoint import adjoint_through_sampler, autograd_through_sampler
+from .base import clear_grads
 from .diffusion_base import DiffusionAlgorithm
 
 __all__ = ["DiffusionNestedLoop"]
@@ -30,7 +31,7 @@ class DiffusionNestedLoop(DiffusionAlgorithm):
         self.through = adjoint_through_sampler if gradient == "adjoint" else autograd_through_sampler
 
     def step(self, k: int, *, generator: torch.Generator) -> dict:
-        self._zero_grad()
+        clear_grads(self.params)
         x0 = self.init_fn(generator)
         noises = torch.randn((self.num_sampling_steps, *x0.shape), generator=generator, dtype=x0.dtype,
                              device=x0.device)

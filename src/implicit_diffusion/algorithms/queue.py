@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..objectives.adjoint import adjoint_step, terminal_reward_gradient
+from .base import clear_grads
 from .diffusion_base import DiffusionAlgorithm
 
 __all__ = ["DiffusionQueue"]
@@ -122,7 +123,7 @@ class DiffusionQueue(DiffusionAlgorithm):
 
     def step(self, k: int, *, generator: torch.Generator) -> dict:
         """One iteration; returns the statistics of the exiting batch (empty while filling)."""
-        self._zero_grad()
+        clear_grads(self.params)
         exited = self._advance(generator)
         stats: dict = {}
         a = None
