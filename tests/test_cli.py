@@ -66,3 +66,12 @@ def test_console_entry_point_as_a_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "implicit_diffusion", "run", "langevin-mixture",
                         "--set", "lr_schedule=cosine"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "inverse-sqrt" in r.stderr
+
+
+def test_list_shows_every_experiment_and_pretrain(capsys):
+    from implicit_diffusion.experiments import EXPERIMENTS
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"run {name}" in out for name in EXPERIMENTS)
+    assert "pretrain DATASET" in out and "  reward_weight = 30.0" in out

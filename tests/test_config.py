@@ -74,3 +74,14 @@ def test_bad_files(tmp_path):
 def test_override_without_equals_sign():
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["lr"])
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
+    """Files written through the temporary-file-and-rename path are not left 0600."""
+    import os
+    import stat
+
+    from implicit_diffusion.runio import _UMASK, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o666 & ~_UMASK

@@ -1,8 +1,13 @@
 """Command line: parse arguments into a config and call an experiment. Nothing else lives here.
 
-    implicit-diffusion run langevin-mixture [--config FILE.toml] [--set key=value ...]
-                                            [--seed N] [--out DIR] [--no-progress]
+    implicit-diffusion run NAME [--config FILE.toml] [--set key=value ...] [--seed N]
+                                [--out DIR] [--no-progress] [--data PATH] [--trust-pickle]
+                                [--reward NAME] [--sweep]
+    implicit-diffusion pretrain DATASET [--data PATH] [--trust-pickle] [same options]
     implicit-diffusion list
+
+``--data``, ``--trust-pickle``, ``--reward`` and ``--sweep`` are shorthands for the config keys
+``data``, ``trust_pickle``, ``reward`` and ``sweep``; an experiment without such a key says so.
 """
 
 from __future__ import annotations
@@ -18,40 +23,59 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     from .experiments import EXPERIMENTS
+    from .experiments.pretrain import DATASETS
 
     p = argparse.ArgumentParser(prog="implicit-diffusion", description="Optimization through stochastic sampling.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run an experiment")
     r.add_argument("experiment", choices=sorted(EXPERIMENTS), help="experiment name")
+    _common_options(r)
+    r.add_argument("--reward", help="reward name (same as --set reward=NAME)")
+    r.add_argument("--sweep", action="store_true", help="sweep the experiment's trade-off (same as --set sweep=true)")
+    t = sub.add_parser("pretrain", help="train a score model by denoising score matching")
+    t.add_argument("dataset", choices=DATASETS, help="built-in data set, or mnist/cifar10/images with --data")
+    _common_options(t)
+    sub.add_parser("list", help="list experiments and their settings")
+    return p
+
+
+def _common_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--config", metavar="FILE.toml", help="TOML file of settings")
     r.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override one setting (repeatable), e.g. --set lr=0.05")
     r.add_argument("--seed", type=int, help="random seed (same as --set seed=N)")
     r.add_argument("--out", metavar="DIR", help="output directory (default runs/NAME-TIMESTAMP; must be empty)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sub.add_parser("list", help="list experiments and their settings")
-    return p
+    r.add_argument("--data", metavar="PATH", help="images on disk: MNIST IDX/.npz, CIFAR-10 .npz or batches, a folder")
+    r.add_argument("--trust-pickle", action="store_true",
+                   help="allow reading pickled files (CIFAR-10 python batches) from a trusted source")
 
 
 def _run(args: argparse.Namespace) -> int:
     from .config import build_config, load_config_file, parse_overrides
-    from .experiments import EXPERIMENTS
+    from .experiments import EXPERIMENTS, pretrain
     from .experiments.runner import default_run_dir, execute
 
-    experiment = EXPERIMENTS[args.experiment]
-    sources = []
+    if args.command == "pretrain":
+        name, experiment = "pretrain", pretrain
+        sources = [{"dataset": args.dataset}]
+    else:
+        name, experiment = args.experiment, EXPERIMENTS[args.experiment]
+        sources = []
     if args.config:
         sources.append(load_config_file(args.config))
     sources.append(parse_overrides(args.overrides))
     if args.seed is not None:
         sources.append({"seed": args.seed})
-    if args.no_progress:
-        sources.append({"progress": False})
+    shorthands = {"progress": False if args.no_progress else None, "data": args.data,
+                  "trust_pickle": True if args.trust_pickle else None, "reward": getattr(args, "reward", None),
+                  "sweep": True if getattr(args, "sweep", False) else None}
+    sources.append({k: v for k, v in shorthands.items() if v is not None})
     config = build_config(experiment.Config, *sources)
-    run_dir = args.out or default_run_dir(args.experiment)
+    run_dir = args.out or default_run_dir(name)
     start = time.perf_counter()
     result, files = execute(experiment, config, run_dir)
-    print(f"{args.experiment} (seed {config.seed})")
+    print(f"{name} (seed {config.seed})")
     print(experiment.table(result))
     print(f"  wall time, run and outputs (after start-up): {time.perf_counter() - start:.2f} s")
     print(f"wrote {run_dir}/: {', '.join(files)}")
@@ -61,10 +85,11 @@ def _run(args: argparse.Namespace) -> int:
 def _list() -> int:
     import dataclasses
 
-    from .experiments import EXPERIMENTS
+    from .experiments import EXPERIMENTS, pretrain
 
-    for name, module in sorted(EXPERIMENTS.items()):
-        print(name)
+    jobs = [(f"run {name}", module) for name, module in sorted(EXPERIMENTS.items())]
+    for title, module in [*jobs, ("pretrain DATASET", pretrain)]:
+        print(title)
         for f in dataclasses.fields(module.Config):
             print(f"  {f.name} = {f.default!r}")
     return 0
@@ -73,7 +98,7 @@ def _list() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _run(args) if args.command == "run" else _list()
+        return _list() if args.command == "list" else _run(args)
     except ImplicitDiffusionError as e:
         print(f"implicit-diffusion: error: {e}", file=sys.stderr)
         return 2

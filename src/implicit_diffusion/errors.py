@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ImplicitDiffusionError", "ConfigError", "RunDirError"]
+__all__ = ["ImplicitDiffusionError", "ConfigError", "DataError", "RunDirError"]
 
 
 class ImplicitDiffusionError(Exception):
@@ -15,3 +15,8 @@ class ConfigError(ImplicitDiffusionError, ValueError):
 
 class RunDirError(ImplicitDiffusionError, OSError):
     """The output directory cannot be used (exists and is not empty, or is not writable)."""
+
+
+class DataError(ImplicitDiffusionError, ValueError):
+    """A data or model file that is absent, of an unknown format, malformed, or refused (pickles
+    without an explicit opt-in)."""

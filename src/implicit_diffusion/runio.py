@@ -36,6 +36,15 @@ def prepare_run_dir(path: str | Path) -> Path:
     return path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def _write_atomically(path: str | Path, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
@@ -43,6 +52,7 @@ def _write_atomically(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions of a new file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -24,7 +24,9 @@ class DiffusionAlgorithm:
         reward_fn: ``R(x) -> (batch,)``, differentiable in x; the loss is −λ·mean R(x_M).
         reward_weight: λ.
         running_cost: optional ``c(x, m) -> scalar`` added at every step (e.g.
-            objectives.GirsanovKL for β·KL(path_θ‖path_θ₀)).
+            objectives.GirsanovKL for β·KL(path_θ‖path_θ₀)). If it has a method
+            ``per_sample(x, m) -> (batch,)`` taking per-particle step indices, the queue calls
+            that once per iteration for all its batches instead of once per batch.
         prediction: what the model outputs (``"score"``, ``"epsilon"``, ``"x0"``).
         max_grad_norm: optional gradient clipping before each optimizer step.
     """

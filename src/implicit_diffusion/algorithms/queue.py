@@ -93,7 +93,13 @@ class DiffusionQueue(DiffusionAlgorithm):
         a = torch.cat([a for _, _, a, _ in items])
         m = torch.cat([torch.full((s,), it[3], dtype=torch.long) for s, it in zip(sizes, items)])
         cost = None
-        if self.running_cost is not None:
+        per_sample = getattr(self.running_cost, "per_sample", None)
+        if per_sample is not None:  # one batched call: each particle weighed by 1/(its batch's size)
+            scale = torch.cat([x.new_full((s,), 1.0 / s) for s in sizes])
+
+            def cost(xs: Tensor, m_all: Tensor) -> Tensor:
+                return (per_sample(xs, m_all) * scale).sum()
+        elif self.running_cost is not None:
             steps = [it[3] for it in items]
 
             def cost(xs: Tensor, _m: Tensor) -> Tensor:  # the cost takes one integer step index

@@ -1,5 +1,15 @@
-"""Built-in data sets (offline): 2-D synthetic targets and scikit-learn's bundled digits."""
+"""Data: built-in sets (2-D synthetic targets, scikit-learn's digits and sample-photo patches)
+and readers of local image files (MNIST IDX, .npz/.npy, CIFAR-10 batches, image folders)."""
 
 from .builtin import TWO_D_DATASETS, load_digits_images, two_d_dataset
+from .files import SUPPORTED_FORMATS, load_image_data
+from .photos import load_photo_patches
 
-__all__ = ["TWO_D_DATASETS", "load_digits_images", "two_d_dataset"]
+__all__ = [
+    "SUPPORTED_FORMATS",
+    "TWO_D_DATASETS",
+    "load_digits_images",
+    "load_image_data",
+    "load_photo_patches",
+    "two_d_dataset",
+]

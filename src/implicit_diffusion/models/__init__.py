@@ -12,6 +12,7 @@ from .potentials import (
 )
 from .score_nets import ScoreMLP, SinusoidalTimeEmbedding
 from .tilted import TiltedPotential
+from .unet import UNet
 
 __all__ = [
     "HEXAGON_THETA0",
@@ -24,6 +25,7 @@ __all__ = [
     "ScoreMLP",
     "SinusoidalTimeEmbedding",
     "TiltedPotential",
+    "UNet",
     "as_potential",
     "autograd_energy_grad",
     "hexagon_centres",

@@ -51,6 +51,8 @@ class ScoreMLP(nn.Module):
         if prediction not in ("epsilon", "score", "x0"):
             raise ValueError(f"prediction must be one of 'epsilon', 'score', 'x0', got {prediction!r}")
         self.prediction = prediction
+        # The constructor's arguments (JSON types): ``ScoreMLP(**m.config)`` rebuilds the architecture.
+        self.config = {"dim": dim, "hidden": hidden, "depth": depth, "time_dim": time_dim, "prediction": prediction}
         self.embed = SinusoidalTimeEmbedding(time_dim)
         layers: list[nn.Module] = []
         width = dim + time_dim

@@ -15,11 +15,13 @@ from .adjoint import (
 )
 from .base import Estimator, SumEstimator, Surrogate
 from .girsanov import DiscreteMeanKL, GirsanovKL
+from .image_rewards import IMAGE_REWARDS, brightness, redness
 from .kl import ContrastiveKL, KLToReference
 from .reward import RewardEstimator
 from .rewards import hexagon_reward, hexagon_reward_smooth
 
 __all__ = [
+    "IMAGE_REWARDS",
     "ContrastiveKL",
     "DiscreteMeanKL",
     "Estimator",
@@ -32,12 +34,14 @@ __all__ = [
     "TerminalGrad",
     "Trajectory",
     "adjoint_backward",
+    "brightness",
     "adjoint_step",
     "adjoint_surrogate",
     "adjoint_through_sampler",
     "autograd_through_sampler",
     "hexagon_reward",
     "hexagon_reward_smooth",
+    "redness",
     "sample_with_trajectory",
     "terminal_reward_gradient",
 ]

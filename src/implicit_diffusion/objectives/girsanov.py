@@ -97,21 +97,38 @@ class GirsanovKL:
         rate = [2.0] * (len(t) - 1) if beta is None else _rates(beta, self.times[:-1])
         # ½β(t_m)·h_m: Girsanov's ½‖Δμ‖²/g² with Δμ = βΔs and g² = β (= h_m when β ≡ 2)
         self.step_weights = [0.5 * rate[m] * (t[m] - t[m + 1]) for m in range(len(t) - 1)]
+        self._weights = torch.tensor(self.step_weights, dtype=torch.float64)
 
     @property
     def num_steps(self) -> int:
         return len(self.step_weights)
 
-    def score_gap(self, x: Tensor, m: int) -> Tensor:
-        """‖s_θ(x_i, t_m) − s_θ₀(x_i, t_m)‖² per particle, shape ``(B,)``."""
-        if not 0 <= m < self.num_steps:
-            raise ValueError(f"step index m must be in 0..{self.num_steps - 1}, got {m}")
-        t = torch.full((x.shape[0],), float(self.times[m]), dtype=x.dtype, device=x.device)
+    def score_gap(self, x: Tensor, m: int | Tensor) -> Tensor:
+        """‖s_θ(x_i, t_m) − s_θ₀(x_i, t_m)‖² per particle, shape ``(B,)``; ``m`` an int or a
+        per-particle step index ``(B,)``."""
+        t = self._times_at(m, x)
         gap = self._score(self.model, x, t) - self._score(self.reference, x, t)
         return gap.square().flatten(1).sum(1)
 
+    def per_sample(self, x: Tensor, m: int | Tensor) -> Tensor:
+        """w ½β(t_m) h_m ‖Δs(x_i, t_m)‖² per particle, ``(B,)``; ``m`` an int or ``(B,)`` indices.
+
+        The queue algorithm sweeps batches at different steps in one call: with per-particle
+        indices it weighs each particle by its own step and takes each batch's mean itself."""
+        weights = self._weights.to(x.device)[self._index(m, x)].to(x.dtype)
+        return self.weight * weights * self.score_gap(x, m)
+
     def __call__(self, x: Tensor, m: int) -> Tensor:
         return (self.weight * self.step_weights[m]) * self.score_gap(x, m).mean()
+
+    def _index(self, m: int | Tensor, x: Tensor) -> Tensor:
+        idx = torch.as_tensor(m, dtype=torch.long).expand(x.shape[0]).cpu()
+        if idx.ndim != 1 or bool(((idx < 0) | (idx >= self.num_steps)).any()):
+            raise ValueError(f"step index m must be in 0..{self.num_steps - 1} (an int or one per particle), got {m}")
+        return idx
+
+    def _times_at(self, m: int | Tensor, x: Tensor) -> Tensor:
+        return self.times[self._index(m, x)].to(device=x.device, dtype=x.dtype)
 
     def path_kl(self, states: Trajectory | Tensor | Sequence[Tensor]) -> Tensor:
         """Σ_m ½β(t_m) h_m (1/B) Σ_i ‖Δs(x_m,i, t_m)‖²: KL(path_θ ‖ path_θ₀) along stored states (no w).

@@ -1,0 +1,286 @@
+"""Experiment ``diffusion-finetune``: reward finetuning of a pretrained diffusion model.
+
+Marion et al. 2024, §5.2: starting from a pretrained score model θ₀, minimise
+
+    F(θ) = −λ E_{x ∼ p_θ}[R(x)] + β KL(path_θ ‖ path_θ₀)
+
+where p_θ is the law of the M-step reverse-SDE sampler (Euler–Maruyama on the model's VP
+schedule) and the path KL is Girsanov's running cost Σ_m ½β(t_m)h_m‖s_θ − s_θ₀‖²
+(objectives.girsanov.GirsanovKL), swept backwards in the same adjoint pass as the reward. θ is
+trained by the queue algorithm (algorithms.queue; pipelined adjoint by default) or the nested
+loop. Rewards: ``brightness`` (mean pixel, default, on the shipped digits model) and ``red``
+(red minus the other channels, on the shipped colour-patch model). ``--sweep`` repeats the run
+for λ/β ∈ ``sweep_ratios`` and draws the reward-vs-KL trade-off.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..algorithms.diffusion_nested import DiffusionNestedLoop
+from ..algorithms.queue import DiffusionQueue
+from ..errors import ConfigError
+from ..objectives.girsanov import GirsanovKL
+from ..objectives.image_rewards import IMAGE_REWARDS
+from ..samplers.diffusion import euler_maruyama_step
+from ..samplers.schedules import VPSchedule, to_score
+from .finetune_eval import Evaluation, evaluate, sample_images
+from .recording import ProgressBar
+
+__all__ = ["ALGORITHMS", "Config", "Result", "RunRecord", "path_kl_cost", "rise_in_se", "run", "save", "table"]
+
+ALGORITHMS = {
+    "queue-pipelined": (DiffusionQueue, {"adjoint": "pipelined"}),
+    "queue-sequential": (DiffusionQueue, {"adjoint": "sequential"}),
+    "nested-adjoint": (DiffusionNestedLoop, {"gradient": "adjoint"}),
+    "nested-autograd": (DiffusionNestedLoop, {"gradient": "autograd"}),
+}
+DEFAULT_MODEL = {"brightness": "digits", "red": "photo-patches"}
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = ""  # a model.safetensors from `pretrain`; "" = the shipped model for the reward
+    reward: str = "brightness"
+    data: str = ""  # pretrain on these images first (when no model is given)
+    trust_pickle: bool = False
+    pretrain_steps: int = 6_000
+    algorithm: str = "queue-pipelined"
+    num_sampling_steps: int = 20  # M
+    batch_size: int = 16  # per queue slot (per update for the nested loop)
+    num_steps: int = 400  # iterations
+    reward_weight: float = 30.0  # λ
+    kl_weight: float = 1.0  # β
+    lr: float = 1e-4
+    max_grad_norm: float = 1.0
+    eval_every: int = 100
+    eval_samples: int = 256
+    grid_images: int = 32
+    sweep: bool = False
+    sweep_ratios: tuple[float, ...] = (10.0, 100.0, 1000.0)  # λ/β values of --sweep
+    seed: int = 0
+    num_threads: int = 0  # 0: torch's default
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.reward not in IMAGE_REWARDS:
+            raise ConfigError(f"config key 'reward': unknown {self.reward!r}; allowed: {', '.join(IMAGE_REWARDS)}")
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"config key 'algorithm': unknown {self.algorithm!r}; allowed: {', '.join(ALGORITHMS)}")
+        if self.model and self.data:
+            raise ConfigError("give either model (a pretrained file) or data (images to pretrain on), not both")
+        for name in ("pretrain_steps", "num_sampling_steps", "batch_size", "num_steps", "lr", "eval_every",
+                     "eval_samples", "grid_images", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
+        if self.eval_samples < 2:
+            raise ConfigError(f"config key 'eval_samples' must be >= 2 (for a standard error), got {self.eval_samples}")
+        for name in ("reward_weight", "kl_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)!r}")
+        if self.sweep and (not self.sweep_ratios or any(not r > 0 for r in self.sweep_ratios)):
+            raise ConfigError(f"config key 'sweep_ratios' must be positive numbers, got {self.sweep_ratios!r}")
+        if self.sweep and not self.kl_weight > 0:
+            raise ConfigError("--sweep varies λ/β: it needs kl_weight > 0")
+        if self.num_threads < 0:
+            raise ConfigError(f"config key 'num_threads' must be >= 0, got {self.num_threads}")
+
+
+@dataclass
+class RunRecord:
+    """One finetuning run (one λ/β)."""
+
+    label: str
+    reward_weight: float
+    kl_weight: float
+    train_reward: np.ndarray  # exiting batch's mean reward per iteration (NaN while the queue fills)
+    evals: dict[str, list[float]]  # step, reward, reward_se, kl, kl_se
+    grids: list[tuple[int, torch.Tensor]]  # (θ updates, images) on fixed noise
+    state: dict[str, torch.Tensor]  # finetuned weights
+    wall_time: float
+
+
+@dataclass
+class Result:
+    config: Config
+    model_source: str
+    schedule: VPSchedule
+    base: Evaluation  # the pretrained model, independent samples
+    runs: list[RunRecord] = field(default_factory=list)
+    model: torch.nn.Module | None = None  # architecture (weights: the last run's)
+    shape: tuple[int, ...] = ()  # one sample's shape
+
+    def final(self, r: RunRecord) -> Evaluation:
+        return Evaluation(*(r.evals[k][-1] for k in ("reward", "reward_se", "kl", "kl_se")))
+
+    def summary(self) -> dict:
+        out = {"model": self.model_source, "reward": self.config.reward, "algorithm": self.config.algorithm,
+               "pretrained_reward": self.base.reward, "pretrained_reward_se": self.base.reward_se, "runs": []}
+        for r in self.runs:
+            f = self.final(r)
+            out["runs"].append({"label": r.label, "reward_weight": r.reward_weight, "kl_weight": r.kl_weight,
+                                "reward": f.reward, "reward_se": f.reward_se, "kl": f.kl, "kl_se": f.kl_se,
+                                "rise_in_se": rise_in_se(self.base, f), "wall_time_s": r.wall_time})
+        return out
+
+
+def rise_in_se(base: Evaluation, final: Evaluation) -> float:
+    """(final − base) / √(SE_base² + SE_final²): the rise in standard errors of the difference
+    (the two evaluations use independent samples)."""
+    return (final.reward - base.reward) / (base.reward_se**2 + final.reward_se**2) ** 0.5
+
+
+def _load_model(config: Config, metrics_sink):
+    from ..models.io import load_score_model
+    from ..pretrained import load_pretrained
+
+    if config.data:
+        from . import pretrain
+
+        pre = pretrain.run(pretrain.Config(dataset="images", data=config.data, trust_pickle=config.trust_pickle,
+                                           num_steps=config.pretrain_steps, seed=config.seed,
+                                           progress=config.progress), metrics_sink=metrics_sink)
+        return pre.model, pre.schedule, tuple(pre.data_sample.shape[1:]), f"pretrained here on {config.data}"
+    if config.model:
+        loaded, source = load_score_model(config.model), config.model
+    else:
+        name = DEFAULT_MODEL[config.reward]
+        loaded, source = load_pretrained(name), f"shipped '{name}' model"
+    shape = loaded.extra.get("data_shape")
+    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise ConfigError(f"{source}: the file does not record its data shape (extra['data_shape']); "
+                          f"save it with `implicit-diffusion pretrain`")
+    return loaded.model, loaded.schedule, tuple(shape), source
+
+
+def run(config: Config, *, metrics_sink=None) -> Result:
+    previous = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        return _run(config, metrics_sink or (lambda records: None))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(config: Config, sink) -> Result:
+    model, trained_schedule, shape, source = _load_model(config, sink)
+    model.train(False)
+    reward_fn = IMAGE_REWARDS[config.reward]
+    if config.reward == "red" and shape[0] != 3:
+        raise ConfigError(f"the red reward needs a colour (3-channel) model; {source} has {shape[0]} channel(s)")
+    schedule = replace(trained_schedule, num_steps=config.num_sampling_steps)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kl0 = path_kl_cost(model, schedule, 1.0)
+    g = torch.Generator().manual_seed(config.seed + 1)
+    base, _ = evaluate(model, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
+                       kl=kl0, generator=g, prediction=model.prediction)
+    result = Result(config, source, schedule, base, model=model, shape=shape)
+    weights = [r * config.kl_weight for r in config.sweep_ratios] if config.sweep else [config.reward_weight]
+    for lam in weights:
+        model.load_state_dict(initial)
+        result.runs.append(_finetune(config, model, schedule, shape, reward_fn, lam, sink))
+    return result
+
+
+def path_kl_cost(model, schedule, weight: float) -> GirsanovKL:
+    """β·KL(path_θ ‖ path_θ₀) as a running cost for ``model`` (θ₀ = its weights now), converting
+    its output (ε, x₀ or score) to the score on ``schedule``."""
+    prediction = model.prediction
+    return GirsanovKL(model, schedule, weight,
+                      to_score=lambda out, x, t: to_score(out, x, t, schedule, prediction))
+
+
+def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sink) -> RunRecord:
+    beta = config.kl_weight
+    label = f"λ/β = {lam / beta:g}" if beta > 0 else f"λ = {lam:g}, β = 0"
+    cls, options = ALGORITHMS[config.algorithm]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    running_cost = path_kl_cost(model, schedule, beta) if beta > 0 else None
+    kl_eval = running_cost or path_kl_cost(model, schedule, 1.0)
+    algo = cls(model, euler_maruyama_step, schedule, optimizer,
+               init_fn=lambda gen: torch.randn((config.batch_size, *shape), generator=gen),
+               reward_fn=reward_fn, reward_weight=lam, running_cost=running_cost, prediction=model.prediction,
+               max_grad_norm=config.max_grad_norm, **options)
+    generator = torch.Generator().manual_seed(config.seed)
+    train = np.full(config.num_steps, np.nan)
+    evals: dict[str, list[float]] = {k: [] for k in ("step", "reward", "reward_se", "kl", "kl_se")}
+    grids: list[tuple[int, torch.Tensor]] = []
+    grid_at = {0, config.num_steps // 3, 2 * config.num_steps // 3, config.num_steps}
+
+    def checkpoint(done: int) -> None:
+        if done % config.eval_every == 0 or done == config.num_steps:
+            ev, _ = evaluate(model, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
+                             kl=kl_eval, generator=torch.Generator().manual_seed(config.seed + 1000 + done),
+                             prediction=model.prediction)
+            for key, value in zip(("step", "reward", "reward_se", "kl", "kl_se"), (done, *ev)):
+                evals[key].append(value)
+            sink({"run": label, "eval_step": done, **ev._asdict()})
+        if done in grid_at:  # the same noise at every grid: rows are comparable across steps
+            states = sample_images(model, euler_maruyama_step, schedule, shape, config.grid_images,
+                                   generator=torch.Generator().manual_seed(config.seed + 2),
+                                   prediction=model.prediction)
+            grids.append((done, states[-1]))
+
+    def record(k: int, _x, stats: dict) -> None:
+        if "reward" in stats:
+            train[k] = float(stats["reward"])
+        checkpoint(k + 1)
+
+    checkpoint(0)
+    start = time.perf_counter()
+    with ProgressBar(config.num_steps, f"finetune {label}", enabled=config.progress, chunk=10) as bar:
+        algo.run(config.num_steps, generator=generator, callbacks=[record, bar])
+    wall = time.perf_counter() - start
+    sink([{"run": label, "step": k, "reward": None if np.isnan(v) else float(v)} for k, v in enumerate(train)])
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return RunRecord(label, lam, beta, train, evals, grids, state, wall)
+
+
+def save(result: Result, run_dir) -> list[str]:
+    from ..models.io import save_score_model
+    from ..plotting_diffusion import plot_finetune_curves, plot_image_grids, plot_tradeoff
+    from ..runio import atomic_write_text
+
+    run_dir = Path(run_dir)
+    files = ["summary.json"]
+    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    reward = result.config.reward
+    for i, r in enumerate(result.runs):
+        suffix = "" if len(result.runs) == 1 else f"-{i}"
+        result.model.load_state_dict(r.state)
+        save_score_model(run_dir / f"finetuned{suffix}.safetensors", result.model, result.schedule,
+                         extra={"base": result.model_source, "data_shape": list(result.shape), "reward": reward, "reward_weight": r.reward_weight,
+                                "kl_weight": r.kl_weight, "algorithm": result.config.algorithm})
+        plot_image_grids(run_dir / f"samples{suffix}.png",
+                         [(f"{'pretrained' if s == 0 else f'{s} updates'}", imgs) for s, imgs in r.grids],
+                         title=f"{reward} finetuning, {r.label} (same noise in every panel)")
+        files += [f"finetuned{suffix}.safetensors", f"samples{suffix}.png"]
+    plot_finetune_curves(run_dir / "curves.png", {r.label: {k: np.asarray(v) for k, v in r.evals.items()}
+                                                  for r in result.runs}, reward_name=reward)
+    files.append("curves.png")
+    if len(result.runs) > 1:
+        plot_tradeoff(run_dir / "tradeoff.png", {r.label: (lambda f: (f.kl, f.kl_se, f.reward, f.reward_se))(
+            result.final(r)) for r in result.runs}, reward_name=reward, base_reward=result.base.reward)
+        files.append("tradeoff.png")
+    return files
+
+
+def table(result: Result) -> str:
+    b = result.base
+    rows = [("model", result.model_source),
+            (f"pretrained: mean {result.config.reward} (± SE)", f"{b.reward:.4f} ± {b.reward_se:.4f}")]
+    for r in result.runs:
+        f = result.final(r)
+        rows.append((f"{r.label}: {result.config.reward} / path KL",
+                     f"{f.reward:.4f} ± {f.reward_se:.4f} (rise {rise_in_se(b, f):+.1f} SE) / "
+                     f"{f.kl:.3f} ± {f.kl_se:.3f}   [{r.wall_time:.0f} s]"))
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"  {a:<{width}}  {b}" for a, b in rows)

@@ -1,0 +1,219 @@
+"""Job ``pretrain``: train a score model by denoising score matching and save it (safetensors).
+
+``implicit-diffusion pretrain DATASET`` with DATASET one of
+
+- the 2-D targets ``moons``, ``swiss-roll``, ``rings``, ``gaussian-mixture`` (a :class:`ScoreMLP`);
+- ``digits`` (scikit-learn's 1,797 8×8 digits) or ``photo-patches`` (colour patches cut from
+  scikit-learn's sample photographs) — a small :class:`UNet`;
+- ``mnist``, ``cifar10`` or ``images``: read from ``--data PATH`` (MNIST IDX/.npz, CIFAR-10
+  .npz or, with ``--trust-pickle``, its python batches, or a folder of images).
+
+The loss is the multi-level DSM loss with λ(t) = σ(t)² on a VP schedule (training/dsm.py); the
+saved weights are the EMA θ̄ (training/pretrain.py). Outputs: ``model.safetensors`` (loadable by
+:func:`~implicit_diffusion.models.io.load_score_model` and by ``run diffusion-finetune --set
+model=...``), the loss curve, samples of the EMA model next to data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.builtin import TWO_D_DATASETS
+from ..errors import ConfigError
+from ..samplers.schedules import SCHEDULE_KINDS, VPSchedule
+from .recording import ProgressBar
+
+__all__ = ["DATASETS", "Config", "Result", "run", "save", "table", "load_training_data", "build_model"]
+
+IMAGE_DATASETS = ("digits", "photo-patches")
+FILE_DATASETS = ("mnist", "cifar10", "images")
+DATASETS = TWO_D_DATASETS + IMAGE_DATASETS + FILE_DATASETS
+
+
+@dataclass(frozen=True)
+class Config:
+    dataset: str = "digits"
+    data: str = ""  # path, for mnist / cifar10 / images
+    trust_pickle: bool = False  # allow CIFAR-10's pickled python batches
+    limit: int = 0  # keep only the first N images of a file data set (0: all)
+    num_points: int = 20_000  # 2-D points / photo patches drawn
+    patch_size: int = 8
+    schedule: str = "linear"
+    num_steps: int = 6_000  # optimizer steps
+    batch_size: int = 128
+    lr: float = 2e-3
+    ema_decay: float = 0.999
+    max_grad_norm: float = 1.0
+    base_channels: int = 16  # U-Net width
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    hidden: int = 256  # MLP width (2-D data)
+    num_samples: int = 64  # drawn from the EMA model for the figure
+    sampling_steps: int = 100
+    seed: int = 0
+    num_threads: int = 0  # 0: torch's default
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown data set {self.dataset!r}; allowed: {', '.join(DATASETS)}")
+        if self.dataset in FILE_DATASETS and not self.data:
+            raise ConfigError(f"data set {self.dataset!r} is read from disk: pass --data PATH")
+        if self.data and self.dataset not in FILE_DATASETS:
+            raise ConfigError(f"--data is for the data sets {', '.join(FILE_DATASETS)}, not {self.dataset!r}")
+        if self.schedule not in SCHEDULE_KINDS:
+            raise ConfigError(f"config key 'schedule': unknown {self.schedule!r}; allowed: {', '.join(SCHEDULE_KINDS)}")
+        for name in ("num_points", "patch_size", "num_steps", "batch_size", "lr", "base_channels", "hidden",
+                     "num_samples", "sampling_steps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"config key 'ema_decay' must be in [0, 1), got {self.ema_decay!r}")
+        if self.limit < 0 or self.num_threads < 0:
+            raise ConfigError("config keys 'limit' and 'num_threads' must be >= 0")
+        if not self.channel_mults or any(m < 1 for m in self.channel_mults):
+            raise ConfigError(f"config key 'channel_mults' must be positive integers, got {self.channel_mults!r}")
+
+
+def load_training_data(config: Config, generator: torch.Generator) -> torch.Tensor:
+    """The training set as ``(n, 2)`` points or ``(n, C, H, W)`` images in [−1, 1]."""
+    from ..data import load_digits_images, load_image_data, load_photo_patches, two_d_dataset
+
+    if config.dataset in TWO_D_DATASETS:
+        return two_d_dataset(config.dataset, config.num_points, generator=generator)
+    if config.dataset == "digits":
+        return load_digits_images()
+    if config.dataset == "photo-patches":
+        return load_photo_patches(config.num_points, config.patch_size, generator=generator)
+    images = load_image_data(config.data, trust_pickle=config.trust_pickle, limit=config.limit or None)
+    channels = {"mnist": 1, "cifar10": 3}.get(config.dataset)
+    if channels is not None and images.shape[1] != channels:
+        raise ConfigError(f"{config.data} holds {images.shape[1]}-channel images, but {config.dataset!r} has "
+                          f"{channels}; use --set dataset=images for other data")
+    return images
+
+
+def build_model(config: Config, data: torch.Tensor) -> torch.nn.Module:
+    """A :class:`ScoreMLP` for points, a :class:`UNet` for images (ε-prediction)."""
+    from ..models.score_nets import ScoreMLP
+    from ..models.unet import UNet
+
+    if data.ndim == 2:
+        return ScoreMLP(data.shape[1], hidden=config.hidden, depth=3)
+    divisor = 2 ** (len(config.channel_mults) - 1)
+    if data.shape[2] % divisor or data.shape[3] % divisor:
+        raise ConfigError(f"images of size {tuple(data.shape[2:])} need sizes divisible by {divisor} for "
+                          f"channel_mults={config.channel_mults}; use fewer levels")
+    return UNet(in_channels=data.shape[1], base_channels=config.base_channels,
+                channel_mults=tuple(config.channel_mults))
+
+
+@dataclass
+class Result:
+    config: Config
+    model: torch.nn.Module  # the EMA model
+    schedule: VPSchedule
+    losses: np.ndarray
+    data_sample: torch.Tensor
+    samples: torch.Tensor
+    num_params: int
+    wall_time: float
+
+    def summary(self) -> dict:
+        tail = max(1, len(self.losses) // 10)
+        return {"dataset": self.config.dataset, "num_params": self.num_params,
+                "loss_first_10%": float(self.losses[:tail].mean()), "loss_last_10%": float(self.losses[-tail:].mean()),
+                "data_shape": list(self.data_sample.shape[1:]), "wall_time_s": self.wall_time}
+
+
+def run(config: Config, *, metrics_sink=None) -> Result:
+    from ..samplers.diffusion import ddpm_step, sample
+    from ..training.pretrain import pretrain_score_model
+
+    sink = metrics_sink or (lambda records: None)
+    previous = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        generator = torch.Generator().manual_seed(config.seed)
+        data = load_training_data(config, generator)
+        schedule = VPSchedule(config.schedule, num_steps=config.sampling_steps)
+        with torch.random.fork_rng(devices=[]):  # layer initialisation draws from the global RNG:
+            torch.manual_seed(config.seed)  # seed it here, and leave the caller's state as it was
+            model = build_model(config, data)
+        block: list[dict] = []
+
+        def log(k: int, loss: float) -> None:
+            block.append({"step": k, "loss": loss})
+            if len(block) == 500 or k == config.num_steps - 1:
+                sink(list(block))
+                block.clear()
+
+        start = time.perf_counter()
+        with ProgressBar(config.num_steps, f"pretrain {config.dataset}", enabled=config.progress) as bar:
+            info = pretrain_score_model(
+                model, data, schedule, num_steps=config.num_steps, generator=generator,
+                batch_size=min(config.batch_size, data.shape[0]), lr=config.lr, ema_decay=config.ema_decay,
+                max_grad_norm=config.max_grad_norm, callbacks=[log, lambda k, _l: bar(k, None, {})])
+        wall = time.perf_counter() - start
+        ema = info.ema_model.module.eval()
+        n = min(config.num_samples, data.shape[0]) if data.ndim == 4 else 2_000
+        with torch.no_grad():
+            x_init = torch.randn((n, *data.shape[1:]), generator=generator)
+            samples = sample(ddpm_step, ema, x_init, schedule=schedule, generator=generator, prediction=ema.prediction)
+        idx = torch.randperm(data.shape[0], generator=generator)[:n]
+    finally:
+        torch.set_num_threads(previous)
+    return Result(config, ema, schedule, info.losses.numpy(), data[idx], samples,
+                  sum(p.numel() for p in ema.parameters()), wall)
+
+
+def reproduce_command(config: Config) -> str:
+    """The shell command that retrains this model (settings that differ from the defaults)."""
+    changed = [f"--set {k}={_toml_value(v)}" for k, v in asdict(config).items()
+               if k not in ("dataset", "data", "progress") and v != getattr(Config, k, v)]
+    data = f" --data {config.data}" if config.data else ""
+    return " ".join(["implicit-diffusion pretrain", config.dataset + data, *changed])
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, tuple):
+        return "[" + ",".join(str(x) for x in v) + "]"
+    return str(v)
+
+
+def save(result: Result, run_dir) -> list[str]:
+    from ..models.io import save_score_model
+    from ..plotting_diffusion import plot_image_grids, plot_loss_curve, plot_points
+    from ..runio import atomic_write_text
+
+    run_dir = Path(run_dir)
+    extra = {"dataset": result.config.dataset, "data_shape": list(result.data_sample.shape[1:]), "reproduce": reproduce_command(result.config),
+             "num_steps": result.config.num_steps, "seed": result.config.seed}
+    save_score_model(run_dir / "model.safetensors", result.model, result.schedule, extra=extra)
+    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    plot_loss_curve(run_dir / "loss.png", result.losses)
+    if result.samples.ndim == 4:
+        plot_image_grids(run_dir / "samples.png", [("training data", result.data_sample),
+                                                    ("samples (EMA model)", result.samples)])
+    else:
+        plot_points(run_dir / "samples.png", [("training data", result.data_sample.numpy()),
+                                              ("samples (EMA model)", result.samples.numpy())])
+    return ["model.safetensors", "summary.json", "loss.png", "samples.png"]
+
+
+def table(result: Result) -> str:
+    s = result.summary()
+    rows = [("data", f"{s['dataset']} {tuple(s['data_shape'])}"),
+            ("parameters", f"{s['num_params']:,}"),
+            ("DSM loss, first → last 10% of steps", f"{s['loss_first_10%']:.4f} → {s['loss_last_10%']:.4f}"),
+            ("training time", f"{s['wall_time_s']:.1f} s")]
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"  {a:<{width}}  {b}" for a, b in rows)

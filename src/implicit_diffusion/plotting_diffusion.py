@@ -1,0 +1,127 @@
+"""Figures of the diffusion experiments: image grids, 2-D samples, training and finetuning curves.
+
+Same conventions as :mod:`.plotting` (matplotlib object API on the Agg canvas, no pyplot).
+Images are arrays ``(n, C, H, W)`` with pixels in [−1, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .plotting import _COLORS, _figure, running_mean
+
+__all__ = [
+    "image_grid",
+    "plot_image_grids",
+    "plot_loss_curve",
+    "plot_points",
+    "plot_finetune_curves",
+    "plot_tradeoff",
+]
+
+
+def image_grid(images, ncols: int = 8, pad: int = 1) -> np.ndarray:
+    """Tile ``(n, C, H, W)`` images in [−1, 1] into one ``(rows·(H+pad)−pad, cols·(W+pad)−pad, C)``
+    array in [0, 1] (C = 1 squeezed to 2-D), padding in white."""
+    x = np.asarray(images, dtype=np.float64)
+    if x.ndim != 4:
+        raise ValueError(f"images must have shape (n, C, H, W), got {x.shape}")
+    n, c, h, w = x.shape
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    out = np.ones((nrows * (h + pad) - pad, ncols * (w + pad) - pad, c))
+    for i in range(n):
+        r, q = divmod(i, ncols)
+        out[r * (h + pad): r * (h + pad) + h, q * (w + pad): q * (w + pad) + w] = x[i].transpose(1, 2, 0)
+    out = np.clip((out + 1.0) / 2.0, 0.0, 1.0)
+    return out[..., 0] if c == 1 else out
+
+
+def plot_image_grids(path: str | Path, grids: Sequence[tuple[str, object]], *, ncols: int = 8,
+                     title: str = "") -> None:
+    """One panel per ``(label, images)``, side by side (e.g. samples at several finetuning steps)."""
+    tiles = [image_grid(images, ncols) for _, images in grids]
+    aspect = tiles[0].shape[0] / tiles[0].shape[1]
+    fig = _figure(2.6 * len(grids) + 0.2, 2.6 * aspect + (0.7 if title else 0.4))
+    axes = fig.subplots(1, len(grids), squeeze=False)[0]
+    for ax, tile, (label, _) in zip(axes, tiles, grids):
+        ax.imshow(tile, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path)
+
+
+def plot_points(path: str | Path, panels: Sequence[tuple[str, np.ndarray]], *, title: str = "") -> None:
+    """Scatter plots of 2-D point sets ``(n, 2)`` side by side, on shared axes."""
+    fig = _figure(3.3 * len(panels), 3.4)
+    axes = fig.subplots(1, len(panels), squeeze=False, sharex=True, sharey=True)[0]
+    for i, (ax, (label, pts)) in enumerate(zip(axes, panels)):
+        pts = np.asarray(pts)
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, color=_COLORS[i % len(_COLORS)])
+        ax.set_title(label, fontsize=9)
+        ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path)
+
+
+def plot_loss_curve(path: str | Path, losses: np.ndarray, *, window: int = 200) -> None:
+    """Training loss per step (light) and its running mean (dark), log-scaled y."""
+    fig = _figure(6.0, 3.4)
+    ax = fig.subplots()
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, color=_COLORS[0], alpha=0.25, lw=0.6)
+    ax.plot(steps, running_mean(losses, window), color=_COLORS[0], lw=1.5, label=f"running mean ({window})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("denoising score-matching loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+
+
+def plot_finetune_curves(path: str | Path, runs: dict[str, dict[str, np.ndarray]], *, reward_name: str) -> None:
+    """Two panels against θ updates: evaluation reward ± 1 SE, and path KL ± 1 SE.
+
+    ``runs[label]`` has arrays ``step``, ``reward``, ``reward_se``, ``kl``, ``kl_se``.
+    """
+    fig = _figure(10.0, 3.8)
+    ax_r, ax_k = fig.subplots(1, 2)
+    for i, (label, r) in enumerate(runs.items()):
+        color = _COLORS[i % len(_COLORS)]
+        for ax, key in ((ax_r, "reward"), (ax_k, "kl")):
+            y, se = np.asarray(r[key]), np.asarray(r[f"{key}_se"])
+            ax.plot(r["step"], y, color=color, lw=1.4, marker="o", ms=3, label=label)
+            ax.fill_between(r["step"], y - se, y + se, color=color, alpha=0.2)
+    ax_r.set_ylabel(f"mean {reward_name} of samples (± 1 SE)")
+    ax_k.set_ylabel("KL(path_θ ‖ path_θ₀) (± 1 SE)")
+    for ax in (ax_r, ax_k):
+        ax.set_xlabel("θ updates")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path)
+
+
+def plot_tradeoff(path: str | Path, points: dict[str, tuple[float, float, float, float]], *,
+                  reward_name: str, base_reward: float | None = None) -> None:
+    """Final reward against path KL for each run: ``points[label] = (kl, kl_se, reward, reward_se)``."""
+    fig = _figure(5.5, 4.0)
+    ax = fig.subplots()
+    for i, (label, (kl, kl_se, rew, rew_se)) in enumerate(points.items()):
+        ax.errorbar(kl, rew, xerr=kl_se, yerr=rew_se, fmt="o", color=_COLORS[i % len(_COLORS)], capsize=3,
+                    label=label)
+    if base_reward is not None:
+        ax.axhline(base_reward, color="0.4", ls="--", lw=1, label="pretrained model")
+    ax.set_xlabel("KL(path_θ ‖ path_θ₀)")
+    ax.set_ylabel(f"mean {reward_name} of samples")
+    kls = [kl for kl, *_ in points.values()]
+    if min(kls) > 0 and max(kls) > 20 * min(kls):
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
