@@ -146,3 +146,15 @@ def test_pretraining_is_reproducible_from_its_seed():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_per_step_rewards_are_all_written_once_in_order(tiny_digits_model):
+    from implicit_diffusion.experiments import diffusion_finetune as ft
+
+    records = []
+    cfg = ft.Config(model=str(tiny_digits_model), num_steps=205, num_sampling_steps=2, batch_size=1,
+                    eval_every=205, eval_samples=2, grid_images=1, progress=False)
+    ft.run(cfg, metrics_sink=lambda r: records.extend(r if isinstance(r, list) else [r]))
+    steps = [r["step"] for r in records if "step" in r]
+    assert steps == list(range(205))
+    assert [r["reward"] is None for r in records if "step" in r][:2] == [True, False]  # M = 2: first exit at k = 1

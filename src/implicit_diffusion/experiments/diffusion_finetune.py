@@ -229,9 +229,19 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
                                    prediction=model.prediction)
             grids.append((done, states[-1]))
 
+    written = 0
+
+    def flush(upto: int) -> None:  # per-step rewards go out in blocks, so a crash keeps all but the last
+        nonlocal written
+        sink([{"run": label, "step": k, "reward": None if np.isnan(train[k]) else float(train[k])}
+              for k in range(written, upto)])
+        written = upto
+
     def record(k: int, _x, stats: dict) -> None:
         if "reward" in stats:
             train[k] = float(stats["reward"])
+        if (k + 1) % 100 == 0:
+            flush(k + 1)
         checkpoint(k + 1)
 
     checkpoint(0)
@@ -239,7 +249,7 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
     with ProgressBar(config.num_steps, f"finetune {label}", enabled=config.progress, chunk=10) as bar:
         algo.run(config.num_steps, generator=generator, callbacks=[record, bar])
     wall = time.perf_counter() - start
-    sink([{"run": label, "step": k, "reward": None if np.isnan(v) else float(v)} for k, v in enumerate(train)])
+    flush(config.num_steps)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return RunRecord(label, lam, beta, train, evals, grids, state, wall)
 
