@@ -1,6 +1,7 @@
 """Sampler steps and noise schedules. Each family shares one step signature:
 
-- Langevin (:mod:`.langevin`): ``step(x, potential, *, step_size, generator=None, noise=None) -> (x, info)``
+- Langevin (:mod:`.langevin`, :mod:`.mala`): ``step(x, potential, *, step_size, generator=None, noise=None)
+  -> (x, info)`` (MALA also takes ``uniform=`` for its accept/reject draw)
 - diffusion (:mod:`.diffusion`): ``step(x, model, m, *, schedule, generator=None, noise=None,
   prediction="score") -> x``
 """
@@ -15,6 +16,7 @@ from .diffusion import (
     sample,
 )
 from .langevin import LangevinInfo, draw_noise, energy_grad, ula_step
+from .mala import mala_step
 from .schedules import VPSchedule, to_epsilon, to_score, to_x0
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "draw_noise",
     "energy_grad",
     "euler_maruyama_step",
+    "mala_step",
     "probability_flow_euler_step",
     "probability_flow_heun_step",
     "sample",
