@@ -208,3 +208,23 @@ def test_runs_inside_single_loop_unchanged(generator):
     assert_close64(V.logits.detach(), ref.logits.detach())
     assert not x.requires_grad and x.grad_fn is None
     assert not torch.equal(V.logits.detach(), hexagon_mixture(dtype=torch.float64).logits.detach())
+
+
+def test_the_loops_report_malas_acceptance_rate_and_not_ulas():
+    """SingleLoop and NestedLoop pass the sampler's acceptance rate into their per-step stats."""
+    from implicit_diffusion.algorithms import NestedLoop
+
+    def stats_of(cls, sampler, **kw):
+        V = GaussianPotential(torch.zeros(2))
+        algo = cls(V, RewardEstimator(lambda x: -x[:, 0] ** 2), torch.optim.SGD(V.parameters(), lr=0.01),
+                   step_size=0.5, sampler=sampler, **kw)
+        g = torch.Generator().manual_seed(0)
+        seen = []
+        algo.run(torch.randn(100, 2, generator=g), 3, generator=g, callbacks=[lambda k, x, s: seen.append(s)])
+        return seen
+
+    nested = {"num_inner_steps": 2, "init_fn": lambda g: torch.randn(100, 2, generator=g)}
+    for cls, kw in ((SingleLoop, {}), (NestedLoop, nested)):
+        rates = [s["acceptance_rate"] for s in stats_of(cls, mala_step, **kw)]
+        assert len(rates) == 3 and all(0 < float(r) < 1 for r in rates)
+        assert all("acceptance_rate" not in s for s in stats_of(cls, ula_step, **kw))

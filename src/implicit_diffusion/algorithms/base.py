@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..objectives.base import Surrogate
 
-__all__ = ["Callback", "StepSize", "apply_surrogate", "clear_grads", "resolve_step_size", "run_steps"]
+__all__ = ["Callback", "StepSize", "apply_surrogate", "clear_grads", "resolve_step_size", "run_steps", "with_acceptance"]
 
 # callback(k, particles, stats) after θ update k; stats hold 0-d tensors (no host sync).
 Callback = Callable[[int, Tensor, dict], None]
@@ -27,6 +27,13 @@ def clear_grads(params: Iterable[Tensor]) -> None:
     which costs as much as the rest of a small Langevin step on CPU."""
     for p in params:
         p.grad = None
+
+
+def with_acceptance(stats: dict, info) -> dict:
+    """``stats`` plus the sampler step's ``acceptance_rate`` when it reports one (MALA); the
+    same dict otherwise (unadjusted steps report None: nothing is copied on the hot path)."""
+    rate = getattr(info, "acceptance_rate", None)
+    return stats if rate is None else {**stats, "acceptance_rate": rate}
 
 
 def apply_surrogate(potential, surrogate: Surrogate, optimizer: torch.optim.Optimizer, lr_scheduler=None) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..samplers.langevin import ula_step
-from .base import Callback, StepSize, apply_surrogate, resolve_step_size, run_steps
+from .base import Callback, StepSize, apply_surrogate, resolve_step_size, run_steps, with_acceptance
 
 __all__ = ["NestedLoop"]
 
@@ -58,11 +58,12 @@ class NestedLoop:
         with torch.no_grad():  # no graph through the inner loop: Γ needs only the samples
             if x is None or not self.warm_start:
                 x = self.init_fn(generator)
+            info = None
             for _ in range(self.num_inner_steps):
-                x, _ = self.sampler(x, self.potential, step_size=gamma, generator=generator)
+                x, info = self.sampler(x, self.potential, step_size=gamma, generator=generator)
             surrogate = self.estimator(self.potential, x)
         apply_surrogate(self.potential, surrogate, self.optimizer, self.lr_scheduler)
-        return x, surrogate.stats
+        return x, with_acceptance(surrogate.stats, info)
 
     def run(
         self,

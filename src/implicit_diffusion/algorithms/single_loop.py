@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..samplers.langevin import ula_step
-from .base import Callback, StepSize, apply_surrogate, resolve_step_size, run_steps
+from .base import Callback, StepSize, apply_surrogate, resolve_step_size, run_steps, with_acceptance
 
 __all__ = ["SingleLoop"]
 
@@ -75,9 +75,9 @@ class SingleLoop:
         with torch.no_grad():
             surrogate = self.estimator(self.potential, x)
             for _ in range(self.sampler_steps_per_update):
-                x, _ = self.sampler(x, self.potential, step_size=gamma, generator=generator)
+                x, info = self.sampler(x, self.potential, step_size=gamma, generator=generator)
         apply_surrogate(self.potential, surrogate, self.optimizer, self.lr_scheduler)
-        return x, surrogate.stats
+        return x, with_acceptance(surrogate.stats, info)
 
     def run(
         self,
