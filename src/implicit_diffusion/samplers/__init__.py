@@ -1,7 +1,8 @@
 """Sampler steps and noise schedules. Each family shares one step signature:
 
-- Langevin (:mod:`.langevin`, :mod:`.mala`): ``step(x, potential, *, step_size, generator=None, noise=None)
-  -> (x, info)`` (MALA also takes ``uniform=`` for its accept/reject draw)
+- Langevin (:mod:`.langevin`, :mod:`.mala`, :mod:`.preconditioned`): ``step(x, potential, *,
+  step_size, generator=None, noise=None) -> (x, info)`` (MALA also takes ``uniform=`` for its
+  accept/reject draw; ``preconditioned_langevin(P)`` returns such a step for a fixed P)
 - diffusion (:mod:`.diffusion`): ``step(x, model, m, *, schedule, generator=None, noise=None,
   prediction="score") -> x``
 """
@@ -17,6 +18,7 @@ from .diffusion import (
 )
 from .langevin import LangevinInfo, draw_noise, energy_grad, ula_step
 from .mala import mala_step
+from .preconditioned import preconditioned_langevin
 from .schedules import VPSchedule, to_epsilon, to_score, to_x0
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "energy_grad",
     "euler_maruyama_step",
     "mala_step",
+    "preconditioned_langevin",
     "probability_flow_euler_step",
     "probability_flow_heun_step",
     "sample",
