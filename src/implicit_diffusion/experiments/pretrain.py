@@ -53,7 +53,7 @@ class Config:
     base_channels: int = 16  # U-Net width
     channel_mults: tuple[int, ...] = (1, 2, 2)
     hidden: int = 256  # MLP width (2-D data)
-    num_samples: int = 64  # drawn from the EMA model for the figure
+    num_samples: int = 64  # images drawn from the EMA model for the figure (2-D data: 2,000 points)
     sampling_steps: int = 100
     seed: int = 0
     num_threads: int = 0  # 0: torch's default
