@@ -1,8 +1,9 @@
 """Sampler steps and noise schedules. Each family shares one step signature:
 
-- Langevin (:mod:`.langevin`, :mod:`.mala`, :mod:`.preconditioned`): ``step(x, potential, *,
-  step_size, generator=None, noise=None) -> (x, info)`` (MALA also takes ``uniform=`` for its
-  accept/reject draw; ``preconditioned_langevin(P)`` returns such a step for a fixed P)
+- Langevin (:mod:`.langevin`, :mod:`.mala`, :mod:`.preconditioned`, :mod:`.mirror`):
+  ``step(x, potential, *, step_size, generator=None, noise=None) -> (x, info)`` (MALA also takes
+  ``uniform=`` for its accept/reject draw; ``preconditioned_langevin(P)`` and
+  ``mirror_langevin(domain)`` return such a step)
 - diffusion (:mod:`.diffusion`): ``step(x, model, m, *, schedule, generator=None, noise=None,
   prediction="score") -> x``
 """
@@ -18,12 +19,14 @@ from .diffusion import (
 )
 from .langevin import LangevinInfo, draw_noise, energy_grad, ula_step
 from .mala import mala_step
+from .mirror import MIRROR_DOMAINS, mirror_langevin
 from .preconditioned import preconditioned_langevin
 from .schedules import VPSchedule, to_epsilon, to_score, to_x0
 
 __all__ = [
     "DIFFUSION_STEPS",
     "LangevinInfo",
+    "MIRROR_DOMAINS",
     "VPSchedule",
     "ddim_step",
     "ddpm_step",
@@ -31,6 +34,7 @@ __all__ = [
     "energy_grad",
     "euler_maruyama_step",
     "mala_step",
+    "mirror_langevin",
     "preconditioned_langevin",
     "probability_flow_euler_step",
     "probability_flow_heun_step",
