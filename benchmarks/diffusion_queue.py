@@ -22,7 +22,8 @@ Each (contender, M) runs in its own process, so memory figures do not mix. Repor
   on CUDA ``torch.cuda.max_memory_allocated``;
 - the reward reached within ``--budget`` seconds of training (evaluation time not counted): mean
   brightness of 128 samples on fixed noise (the same for every contender) at the final θ, and the curve of it against wall time,
-  from which the time the queue needs to reach the nested loop's final reward is read.
+  at 1/32, 1/16, 1/8, 1/4, 1/2, 3/4 and all of the budget, from which the time the queue needs
+  to reach the nested loop's final reward is read (linear interpolation).
 
 Results are printed and written as JSON (default ``benchmarks/results/diffusion_queue.json``).
 """
@@ -106,7 +107,9 @@ def worker(name: str, M: int, batch: int, budget: float, device: str, seed: int)
     memory = Memory(device)
     curve = [(0.0, evaluate())]
     update_times: list[float] = []
-    trained, k, next_eval = 0.0, 0, budget / 6
+    # evaluation times: dense early (where the contenders part), then every quarter of the budget
+    marks = [budget * f for f in (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)]
+    trained, k = 0.0, 0
     memory.start()
     while trained < budget:
         sync()
@@ -118,9 +121,9 @@ def worker(name: str, M: int, batch: int, budget: float, device: str, seed: int)
         if "reward" in stats:
             update_times.append(dt)
         k += 1
-        if trained >= next_eval or trained >= budget:
-            curve.append((trained, evaluate()))  # not counted in `trained`, every sixth of the budget
-            next_eval += budget / 6
+        if (marks and trained >= marks[0]) or trained >= budget:
+            curve.append((trained, evaluate()))  # not counted in `trained`
+            marks = [m for m in marks if m > trained]
     peak = memory.peak_mib()
     warm = update_times[min(3, len(update_times) - 1):] if update_times else [float("nan")]
     return {"algorithm": name, "M": M, "batch": batch, "iterations": k, "updates": len(update_times),
