@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..models.potentials import autograd_energy_grad
 
-__all__ = ["LangevinInfo", "ula_step", "draw_noise", "energy_grad"]
+__all__ = ["LangevinInfo", "ula_step", "check_step_size", "draw_noise", "energy_grad"]
 
 
 class LangevinInfo(NamedTuple):
@@ -38,6 +38,12 @@ def energy_grad(potential, x: Tensor) -> Tensor:
     """∇ₓV(x), using ``potential.grad_x`` when it has one, autograd otherwise."""
     grad_x = getattr(potential, "grad_x", None)
     return grad_x(x) if grad_x is not None else autograd_energy_grad(potential, x)
+
+
+def check_step_size(step_size: float) -> None:
+    """The family's common check: γ must be > 0 (NaN fails too)."""
+    if not step_size > 0:
+        raise ValueError(f"step_size must be > 0, got {step_size}")
 
 
 def draw_noise(x: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
@@ -80,8 +86,7 @@ def ula_step(
         >>> x1[0].tolist()  # x − 0.1·x
         [0.8999999761581421, 0.8999999761581421]
     """
-    if not step_size > 0:
-        raise ValueError(f"step_size must be > 0, got {step_size}")
+    check_step_size(step_size)
     n = draw_noise(x, noise, generator)
     g = energy_grad(potential, x)
     return torch.add(x, g, alpha=-step_size).add_(n, alpha=math.sqrt(2.0 * step_size)), _ULA_INFO

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._checks import callable_name, check_values
-from .langevin import LangevinInfo, draw_noise, energy_grad
+from .langevin import LangevinInfo, check_step_size, draw_noise, energy_grad
 
 __all__ = ["mala_step"]
 
@@ -61,8 +61,7 @@ def mala_step(
         >>> 0.0 < float(info.acceptance_rate) <= 1.0
         True
     """
-    if not step_size > 0:
-        raise ValueError(f"step_size must be > 0, got {step_size}")
+    check_step_size(step_size)
     if noise is not None and uniform is None and generator is None:
         raise ValueError(
             "mala_step needs a uniform draw for the accept/reject step as well as the noise: "

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .langevin import LangevinInfo, draw_noise, energy_grad
+from .langevin import LangevinInfo, check_step_size, draw_noise, energy_grad
 
 __all__ = ["MIRROR_DOMAINS", "mirror_langevin"]
 
@@ -106,8 +106,7 @@ def mirror_langevin(domain: str) -> Step:
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> tuple[Tensor, LangevinInfo]:
-        if not step_size > 0:
-            raise ValueError(f"step_size must be > 0, got {step_size}")
+        check_step_size(step_size)
         if x.ndim != 2:
             raise ValueError(f"x must have shape (num_particles, dim), got {tuple(x.shape)}")
         bad = int(bad_rows(x).sum())

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .langevin import LangevinInfo, draw_noise, energy_grad
+from .langevin import LangevinInfo, check_step_size, draw_noise, energy_grad
 
 __all__ = ["preconditioned_langevin"]
 
@@ -81,8 +81,7 @@ def preconditioned_langevin(P: Tensor) -> Step:
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> tuple[Tensor, LangevinInfo]:
-        if not step_size > 0:
-            raise ValueError(f"step_size must be > 0, got {step_size}")
+        check_step_size(step_size)
         if x.ndim != 2 or x.shape[1] != d:
             raise ValueError(f"x must have shape (num_particles, {d}) to match P's dimension {d}, got {tuple(x.shape)}")
         z = draw_noise(x, noise, generator)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .langevin import LangevinInfo, draw_noise, energy_grad
+from .langevin import LangevinInfo, check_step_size, draw_noise, energy_grad
 
 __all__ = ["myula", "myula_box", "myula_l1", "prox_box", "prox_l1"]
 
@@ -77,8 +77,7 @@ def myula(prox: Prox, lam: float) -> Step:
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> tuple[Tensor, LangevinInfo]:
-        if not step_size > 0:
-            raise ValueError(f"step_size must be > 0, got {step_size}")
+        check_step_size(step_size)
         z = draw_noise(x, noise, generator)
         drift = energy_grad(potential, x) + (x - prox(x, lam)) / lam
         return x - step_size * drift + math.sqrt(2.0 * step_size) * z, LangevinInfo()
