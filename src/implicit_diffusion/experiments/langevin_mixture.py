@@ -14,17 +14,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 
 from ..algorithms import NestedLoop, SingleLoop, make_lr_scheduler
 from ..errors import ConfigError
-from ..models import HEXAGON_THETA0, TiltedPotential, hexagon_mixture
+from ..models import (
+    HEXAGON_THETA0,
+    GaussianMixture,
+    Potential,
+    ShiftedPotential,
+    TiltedPotential,
+    hexagon_mixture,
+)
 from ..objectives import KLToReference, RewardEstimator, hexagon_reward, hexagon_reward_smooth
 from ..samplers import ula_step
 from .hexagon_exact import MixtureKL, component_reward_expectations
+from .langevin_samplers import SamplerSetup, sampler_setup
 from .recording import EvalRecorder, ProgressBar, RewardRecorder
 from .threads import torch_threads
 
@@ -44,6 +52,7 @@ class LangevinMixtureConfig:
     lr_schedule: Literal["constant", "inverse-sqrt"] = "constant"
     optimizer: Literal["sgd", "adam"] = "sgd"
     sampler_steps_per_update: int = 1  # S
+    sampler: Literal["ula", "mala", "myula-box", "mirror-orthant"] = "ula"  # see langevin_samplers.py
     theta0: tuple[float, ...] = HEXAGON_THETA0
     reward: Literal["indicator", "smooth"] = "indicator"
     reward_weight: float = 1.0  # λ
@@ -73,6 +82,9 @@ class LangevinMixtureConfig:
             raise ConfigError(f"config key 'num_threads' must be >= 0 (0 = automatic), got {self.num_threads}")
         if self.kl_weight < 0:
             raise ConfigError(f"config key 'kl_weight' must be >= 0, got {self.kl_weight}")
+        if self.sampler == "myula-box" and self.step_size > 1.0:
+            raise ConfigError(f"config key 'step_size' must be <= 1 (the MYULA parameter λ) with sampler "
+                              f"'myula-box', got {self.step_size}")
 
 
 @dataclass
@@ -98,10 +110,13 @@ class LangevinMixtureResult:
     reward_initial_exact: float  # E_{π*(θ₀)}[R]
     reward_optimum: float  # max over components of E_{N(cₖ, I)}[R]
     comparisons: dict[str, Curve] = field(default_factory=dict)
+    acceptance_rate: float | None = None  # mean over the run (Metropolis-adjusted samplers)
 
-    def summary(self) -> dict[str, float | list[float]]:
+    def summary(self) -> dict[str, float | list[float] | str | None]:
         tail = max(1, min(500, len(self.rewards)))
         return {
+            "sampler": self.config.sampler,
+            "acceptance_rate": self.acceptance_rate,
             "reward_initial": float(self.rewards[0]),
             "reward_final_mean_last": float(self.rewards[-tail:].mean()),
             "exact_reward_initial": self.reward_initial_exact,
@@ -116,6 +131,31 @@ class LangevinMixtureResult:
 def _initial_particles(n: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """p₀ = N(0, I), shape ``(n, 2)``."""
     return torch.randn(n, 2, generator=generator, dtype=dtype)
+
+
+class _Problem(NamedTuple):
+    """The potential θ lives in, and what the algorithm sees: the same target in the sampler's
+    coordinates (translated by ``setup.shift`` for mirror Langevin on the orthant)."""
+
+    potential: GaussianMixture
+    algo_potential: Potential
+    reward_fn: Callable[[torch.Tensor], torch.Tensor]  # R on the sampler's coordinates
+    setup: SamplerSetup
+
+
+def _problem(config: LangevinMixtureConfig, dtype: torch.dtype) -> _Problem:
+    potential = hexagon_mixture(config.theta0, dtype=dtype)
+    setup = sampler_setup(config.sampler, config.step_size)
+    reward_fn = REWARDS[config.reward]
+    if not setup.shift:
+        return _Problem(potential, potential, reward_fn, setup)
+    shifted = ShiftedPotential(potential, setup.shift).to(dtype)
+
+    def shifted_reward(y: torch.Tensor) -> torch.Tensor:
+        return reward_fn(shifted.unshift(y))
+
+    shifted_reward.__name__ = f"{reward_fn.__name__} (translated)"
+    return _Problem(potential, shifted, shifted_reward, setup)
 
 
 def _make_optimizer(config: LangevinMixtureConfig, params) -> torch.optim.Optimizer:
@@ -138,22 +178,24 @@ def run(
 def _run(config: LangevinMixtureConfig, metrics_sink) -> LangevinMixtureResult:
     dtype = getattr(torch, config.dtype)
     generator = torch.Generator().manual_seed(config.seed)
-    potential = hexagon_mixture(config.theta0, dtype=dtype)
+    problem = _problem(config, dtype)
+    potential, setup = problem.potential, problem.setup
     means = potential.means.double().numpy()
     theta0_weights = torch.softmax(torch.tensor(config.theta0, dtype=torch.float64), 0).numpy()
     reward_fn = REWARDS[config.reward]
     component_rewards = component_reward_expectations(means, 1.0, config.reward)
     mixture_kl = MixtureKL(means, 1.0, theta0_weights)
 
-    estimator = RewardEstimator(reward_fn, config.reward_weight)
+    estimator = RewardEstimator(problem.reward_fn, config.reward_weight)
     if config.kl_weight > 0:
-        estimator = estimator + KLToReference(potential, config.kl_weight)
+        estimator = estimator + KLToReference(problem.algo_potential, config.kl_weight)
     optimizer = _make_optimizer(config, potential.parameters())
     algo = SingleLoop(
-        potential,
+        problem.algo_potential,
         estimator,
         optimizer,
-        step_size=config.step_size,
+        step_size=setup.step_size,
+        sampler=setup.step,
         sampler_steps_per_update=config.sampler_steps_per_update,
         lr_scheduler=make_lr_scheduler(optimizer, config.lr_schedule),
     )
@@ -165,12 +207,14 @@ def _run(config: LangevinMixtureConfig, metrics_sink) -> LangevinMixtureResult:
     evals = EvalRecorder(
         potential, config.eval_every, num_steps, component_rewards, mixture_kl, snapshot_steps, sink
     )
-    callbacks = [rewards, evals]
-    bar = ProgressBar(num_steps, "single loop", enabled=config.progress)
-    callbacks.append(bar)
+    acceptance = _AcceptanceMean()
+    shift = setup.shift
+    bar = ProgressBar(num_steps, f"single loop ({config.sampler})", enabled=config.progress)
+    callbacks = [rewards, (lambda k, y, st: evals(k, y - shift, st)) if shift else evals, acceptance, bar]
 
     x = _initial_particles(config.num_particles, generator, dtype)
     evals.record(0, x)
+    x = x + shift
     start = time.perf_counter()
     try:
         with bar:
@@ -192,10 +236,28 @@ def _run(config: LangevinMixtureConfig, metrics_sink) -> LangevinMixtureResult:
         wall_time=wall,
         reward_initial_exact=float(theta0_weights @ component_rewards),
         reward_optimum=float(component_rewards.max()),
+        acceptance_rate=acceptance.mean(),
     )
     if config.compare:
         result.comparisons = _comparisons(config, dtype, reward_fn)
     return result
+
+
+class _AcceptanceMean:
+    """Callback: the mean of ``stats["acceptance_rate"]`` over the run (None if never reported)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | float = 0.0
+        self.count = 0
+
+    def __call__(self, k: int, x: torch.Tensor, stats: dict) -> None:
+        rate = stats.get("acceptance_rate")
+        if rate is not None:
+            self.total = self.total + rate  # stays on the device: no host sync per step
+            self.count += 1
+
+    def mean(self) -> float | None:
+        return float(self.total) / self.count if self.count else None
 
 
 def _comparisons(config: LangevinMixtureConfig, dtype: torch.dtype, reward_fn) -> dict[str, Curve]:
@@ -204,15 +266,17 @@ def _comparisons(config: LangevinMixtureConfig, dtype: torch.dtype, reward_fn) -
     out: dict[str, Curve] = {}
     for t in config.nested_inner_steps:
         generator = torch.Generator().manual_seed(config.seed)
-        potential = hexagon_mixture(config.theta0, dtype=dtype)
-        optimizer = _make_optimizer(config, potential.parameters())
+        problem = _problem(config, dtype)
+        optimizer = _make_optimizer(config, problem.potential.parameters())
+        shift = problem.setup.shift
         algo = NestedLoop(
-            potential,
-            RewardEstimator(reward_fn, config.reward_weight),
+            problem.algo_potential,
+            RewardEstimator(problem.reward_fn, config.reward_weight),
             optimizer,
-            init_fn=lambda g: _initial_particles(config.num_particles, g, dtype),
+            init_fn=lambda g: _initial_particles(config.num_particles, g, dtype) + shift,
             num_inner_steps=t,
-            step_size=config.step_size,
+            step_size=problem.setup.step_size,
+            sampler=problem.setup.step,
             lr_scheduler=make_lr_scheduler(optimizer, config.lr_schedule),
         )
         updates = max(1, budget // t)
@@ -282,8 +346,10 @@ def table(result: LangevinMixtureResult) -> str:
         ("best achievable E[R] (all mass on c₂)", f"{s['reward_optimum']:.4f}"),
         ("KL(π*(θ_K) ‖ π*(θ₀))", f"{s['kl_final']:.3f}"),
         ("final weights c1..c6", " ".join(f"{w:.3f}" for w in s["weights_final"])),
-        ("wall time, single loop", f"{s['wall_time_s']:.2f} s"),
+        ("wall time, single loop", f"{s['wall_time_s']:.2f} s ({s['sampler']})"),
     ]
+    if s["acceptance_rate"] is not None:
+        rows.append(("mean acceptance rate", f"{s['acceptance_rate']:.3f}"))
     for name, curve in result.comparisons.items():
         tail = max(1, len(curve.values) // 10)
         rows.append((f"{name}: mean reward, last 10% of steps", f"{curve.values[-tail:].mean():.4f}"))

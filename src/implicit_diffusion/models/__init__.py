@@ -11,6 +11,7 @@ from .potentials import (
     autograd_energy_grad,
 )
 from .score_nets import ScoreMLP, SinusoidalTimeEmbedding
+from .shifted import ShiftedPotential
 from .tilted import TiltedPotential
 from .unet import UNet
 
@@ -23,6 +24,7 @@ __all__ = [
     "ModulePotential",
     "Potential",
     "ScoreMLP",
+    "ShiftedPotential",
     "SinusoidalTimeEmbedding",
     "TiltedPotential",
     "UNet",

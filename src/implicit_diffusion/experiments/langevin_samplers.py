@@ -1,0 +1,50 @@
+"""The Langevin-family samplers the §5.1 experiment can run (config key ``sampler``).
+
+Every choice is a step with the shared signature ``step(x, potential, *, step_size, generator)``
+run unchanged by :class:`~implicit_diffusion.algorithms.SingleLoop`; what differs is only how
+it is set up on the hexagon target π*(θ) on ℝ²:
+
+- ``ula``: x' = x − γ∇V + √(2γ) z.
+- ``mala``: ULA proposal + Metropolis–Hastings accept/reject (exact invariant law).
+- ``myula-box``: proximal Langevin with g the indicator of the box [−b, b]², b = ``box`` (10 by
+  default: π*(θ) has mass < 1e-9 outside it, so the target is unchanged); λ = ``box_lam``.
+- ``mirror-orthant``: mirror Langevin on the positive orthant with the entropic mirror map, run
+  on the target translated by s = (``mirror_shift``, ``mirror_shift``) (10: mass outside
+  the translated orthant < 1e-9); particles are mapped back by −s. In the dual coordinates
+  y = log x the drift is scaled by x, so the dual step size is γ/s², which makes the primal
+  step γ at the translated origin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from ..samplers import mala_step, mirror_langevin, myula_box, ula_step
+
+__all__ = ["LANGEVIN_SAMPLERS", "SamplerSetup", "sampler_setup"]
+
+LANGEVIN_SAMPLERS = ("ula", "mala", "myula-box", "mirror-orthant")
+
+
+class SamplerSetup(NamedTuple):
+    """A step with the Langevin family's signature, the γ it is called with, and the translation
+    s of the sampler's coordinates (particles are x + s while sampling; 0 for most samplers)."""
+
+    step: Callable
+    step_size: float
+    shift: float = 0.0
+
+
+def sampler_setup(name: str, step_size: float, *, box: float = 10.0, box_lam: float = 1.0,
+                  mirror_shift: float = 10.0) -> SamplerSetup:
+    """The step for ``name`` (one of :data:`LANGEVIN_SAMPLERS`) at the experiment's γ = ``step_size``."""
+    if name == "ula":
+        return SamplerSetup(ula_step, step_size)
+    if name == "mala":
+        return SamplerSetup(mala_step, step_size)
+    if name == "myula-box":
+        return SamplerSetup(myula_box(-box, box, box_lam), step_size)
+    if name == "mirror-orthant":
+        return SamplerSetup(mirror_langevin("orthant"), step_size / mirror_shift**2, mirror_shift)
+    raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(LANGEVIN_SAMPLERS)}")
