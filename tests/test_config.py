@@ -65,10 +65,10 @@ def test_bad_files(tmp_path):
     bad.write_text("lr = = 3\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config_file(bad)
-    other = tmp_path / "c.yaml"
-    other.write_text("lr: 3\n")
-    with pytest.raises(ConfigError, match="expected a .toml file"):
-        load_config_file(other)
+    not_a_mapping = tmp_path / "list.toml"
+    not_a_mapping.write_text("[[runs]]\nlr = 3\n")
+    with pytest.raises(ConfigError, match="'runs'"):
+        build_config(LangevinMixtureConfig, load_config_file(not_a_mapping))
 
 
 def test_override_without_equals_sign():
@@ -85,3 +85,53 @@ def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
 
     atomic_write_text(tmp_path / "a.txt", "x")
     assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o666 & ~_UMASK
+
+
+def test_yaml_and_toml_files_give_the_same_config(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('lr = 0.05\noptimizer = "adam"\ntheta0 = [1, 0, 1, 0, 1, 0]\ncompare = true\n')
+    for name in ("c.yaml", "c.yml"):
+        yml = tmp_path / name
+        yml.write_text("lr: 0.05\noptimizer: adam\ntheta0: [1, 0, 1, 0, 1, 0]\ncompare: true\n")
+        a = build_config(LangevinMixtureConfig, load_config_file(toml))
+        b = build_config(LangevinMixtureConfig, load_config_file(yml))
+        assert a == b and b.lr == 0.05 and b.optimizer == "adam" and b.compare is True
+
+
+def test_yaml_goes_through_the_safe_loader(tmp_path):
+    """A tag that would construct a Python object (here: call os.system) is refused, not run."""
+    marker = tmp_path / "ran"
+    f = tmp_path / "evil.yaml"
+    f.write_text(f"lr: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config_file(f)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("- 1\n- 2\n", "flat mapping"),
+    ("lr: [0.1\n", "not valid YAML"),
+    ("lr: abc\n", None),  # parses; build_config names the key
+])
+def test_bad_yaml_files_name_the_problem(tmp_path, text, fragment):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    if fragment is not None:
+        with pytest.raises(ConfigError, match=fragment):
+            load_config_file(f)
+    else:
+        with pytest.raises(ConfigError, match="'lr'"):
+            build_config(LangevinMixtureConfig, load_config_file(f))
+
+
+def test_an_empty_yaml_file_is_the_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("# nothing set\n")
+    assert build_config(LangevinMixtureConfig, load_config_file(f)) == LangevinMixtureConfig()
+
+
+def test_other_suffixes_are_refused(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text("{}")
+    with pytest.raises(ConfigError, match=r"\.toml, \.yaml, \.yml"):
+        load_config_file(f)

@@ -1,6 +1,6 @@
 """Command line: parse arguments into a config and call an experiment. Nothing else lives here.
 
-    implicit-diffusion run NAME [--config FILE.toml] [--set key=value ...] [--seed N]
+    implicit-diffusion run NAME [--config FILE.toml|.yaml] [--set key=value ...] [--seed N]
                                 [--out DIR] [--no-progress] [--data PATH] [--trust-pickle]
                                 [--reward NAME] [--sweep]
     implicit-diffusion pretrain DATASET [--data PATH] [--trust-pickle] [same options]
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _common_options(r: argparse.ArgumentParser) -> None:
-    r.add_argument("--config", metavar="FILE.toml", help="TOML file of settings")
+    r.add_argument("--config", metavar="FILE", help="settings file: .toml, .yaml or .yml")
     r.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override one setting (repeatable), e.g. --set lr=0.05")
     r.add_argument("--seed", type=int, help="random seed (same as --set seed=N)")

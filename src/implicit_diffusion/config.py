@@ -1,7 +1,7 @@
-"""Configuration as data: frozen dataclasses, loaded from TOML and ``key=value`` overrides.
+"""Configuration as data: frozen dataclasses, loaded from TOML or YAML and ``key=value`` overrides.
 
 Every experiment has a frozen dataclass of settings. :func:`build_config` starts from its
-defaults, applies a TOML file (``[table]``-free: a flat mapping of field names to values),
+defaults, applies a TOML or YAML file (a flat mapping of field names to values),
 then ``--set key=value`` overrides (values in TOML syntax: ``lr=0.05``,
 ``theta0=[1, 0, 1, 0, 1, 0]``, ``optimizer="adam"`` or simply ``optimizer=adam``), and
 checks every key and value against the dataclass's field types. Errors name the key and the
@@ -26,23 +26,43 @@ else:  # pragma: no cover
 
 from .errors import ConfigError
 
-__all__ = ["build_config", "load_config_file", "parse_overrides", "config_to_dict", "config_to_toml"]
+CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
+
+__all__ = ["CONFIG_SUFFIXES", "build_config", "load_config_file", "parse_overrides", "config_to_dict", "config_to_toml"]
 
 C = TypeVar("C")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a flat TOML file of settings (safe parser; no code is evaluated)."""
+    """Read a flat mapping of settings from a ``.toml`` or ``.yaml``/``.yml`` file.
+
+    Both parsers are safe: TOML is data only, and YAML goes through ``yaml.safe_load`` (no tags
+    that construct Python objects). Values are checked later by :func:`build_config`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    if path.suffix.lower() != ".toml":
-        raise ConfigError(f"config file {str(path)!r}: expected a .toml file")
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    suffix = path.suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(f"config file {str(path)!r}: expected one of {', '.join(CONFIG_SUFFIXES)}, got {suffix!r}")
+    if suffix == ".toml":
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
+        if data is None:
+            data = {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"config file {str(path)!r} must hold a flat mapping of setting names to values, "
+                          f"got {type(data).__name__}")
     return data
 
 
