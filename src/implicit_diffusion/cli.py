@@ -3,11 +3,14 @@
     implicit-diffusion run NAME [--config FILE.toml|.yaml] [--set key=value ...] [--seed N]
                                 [--out DIR] [--no-progress] [--data PATH] [--trust-pickle]
                                 [--reward NAME] [--sweep]
+                                [--checkpoint-every N]
     implicit-diffusion pretrain DATASET [--data PATH] [--trust-pickle] [same options]
+    implicit-diffusion resume RUN_DIR
     implicit-diffusion list
 
-``--data``, ``--trust-pickle``, ``--reward`` and ``--sweep`` are shorthands for the config keys
-``data``, ``trust_pickle``, ``reward`` and ``sweep``; an experiment without such a key says so.
+``--data``, ``--trust-pickle``, ``--reward``, ``--sweep`` and ``--checkpoint-every`` are shorthands
+for the config keys ``data``, ``trust_pickle``, ``reward``, ``sweep`` and ``checkpoint_every``; an
+experiment without such a key says so. ``resume`` continues a run from its checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     _common_options(r)
     r.add_argument("--reward", help="reward name (same as --set reward=NAME)")
     r.add_argument("--sweep", action="store_true", help="sweep the experiment's trade-off (same as --set sweep=true)")
+    r.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="write a checkpoint every N updates (same as --set checkpoint_every=N; Ctrl-C always writes one)")
+    c = sub.add_parser("resume", help="continue an interrupted run from its checkpoint")
+    c.add_argument("run_dir", metavar="RUN_DIR", help="the run's output directory")
     t = sub.add_parser("pretrain", help="train a score model by denoising score matching")
     t.add_argument("dataset", choices=DATASETS, help="built-in data set, or mnist/cifar10/images with --data")
     _common_options(t)
@@ -69,17 +76,32 @@ def _run(args: argparse.Namespace) -> int:
         sources.append({"seed": args.seed})
     shorthands = {"progress": False if args.no_progress else None, "data": args.data,
                   "trust_pickle": True if args.trust_pickle else None, "reward": getattr(args, "reward", None),
-                  "sweep": True if getattr(args, "sweep", False) else None}
+                  "sweep": True if getattr(args, "sweep", False) else None,
+                  "checkpoint_every": getattr(args, "checkpoint_every", None)}
     sources.append({k: v for k, v in shorthands.items() if v is not None})
     config = build_config(experiment.Config, *sources)
     run_dir = args.out or default_run_dir(name)
     start = time.perf_counter()
-    result, files = execute(experiment, config, run_dir)
+    result, files = execute(experiment, config, run_dir, name=name)
+    _report(name, experiment, config, result, files, run_dir, start)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from .experiments import EXPERIMENTS
+    from .experiments.runner import resume
+
+    start = time.perf_counter()
+    name, config, result, files = resume(args.run_dir, EXPERIMENTS)
+    _report(name, EXPERIMENTS[name], config, result, files, args.run_dir, start)
+    return 0
+
+
+def _report(name, experiment, config, result, files, run_dir, start: float) -> None:
     print(f"{name} (seed {config.seed})")
     print(experiment.table(result))
     print(f"  wall time, run and outputs (after start-up): {time.perf_counter() - start:.2f} s")
     print(f"wrote {run_dir}/: {', '.join(files)}")
-    return 0
 
 
 def _list() -> int:
@@ -98,12 +120,20 @@ def _list() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _list() if args.command == "list" else _run(args)
+        if args.command == "list":
+            return _list()
+        return _resume(args) if args.command == "resume" else _run(args)
     except ImplicitDiffusionError as e:
         print(f"implicit-diffusion: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("implicit-diffusion: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        from .experiments.checkpointing import RunInterrupted
+
+        if isinstance(e, RunInterrupted):
+            print(f"implicit-diffusion: {e}; continue with: implicit-diffusion resume {e.path.parent}",
+                  file=sys.stderr)
+        else:
+            print("implicit-diffusion: interrupted", file=sys.stderr)
         return 130
 
 

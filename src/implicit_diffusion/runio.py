@@ -100,6 +100,11 @@ class MetricsWriter:
         self._f.write("".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in records))
         self._f.flush()
 
+    def tell(self) -> int:
+        """The file's length in bytes: everything written so far is flushed."""
+        self._f.flush()
+        return os.fstat(self._f.fileno()).st_size
+
     def close(self) -> None:
         self._f.close()
 

@@ -11,6 +11,7 @@ V(·, θ₀) − λ_s R_s (smoothed reward added to the energy).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..algorithms import NestedLoop, SingleLoop, make_lr_scheduler
+from ..checkpoint import load_optimizer_state, optimizer_state
 from ..errors import ConfigError
 from ..models import (
     HEXAGON_THETA0,
@@ -31,6 +33,7 @@ from ..models import (
 )
 from ..objectives import KLToReference, RewardEstimator, hexagon_reward, hexagon_reward_smooth
 from ..samplers import ula_step
+from .checkpointing import Checkpoints
 from .hexagon_exact import MixtureKL, component_reward_expectations
 from .langevin_samplers import SamplerSetup, sampler_setup
 from .recording import EvalRecorder, ProgressBar, RewardRecorder
@@ -66,6 +69,7 @@ class LangevinMixtureConfig:
     dtype: Literal["float32", "float64"] = "float32"
     num_threads: int = 0  # 0: 1 thread below 20,000 numbers per batch, torch's default above
     progress: bool = True
+    checkpoint_every: int = 0  # θ updates between checkpoints (0: only on Ctrl-C)
 
     def __post_init__(self) -> None:
         positive = ("num_particles", "num_steps", "step_size", "lr", "sampler_steps_per_update", "eval_every")
@@ -78,6 +82,9 @@ class LangevinMixtureConfig:
             raise ConfigError(f"config key 'nested_inner_steps' must hold integers >= 1, got {self.nested_inner_steps}")
         if any(s < 0 for s in self.snapshot_steps):
             raise ConfigError(f"config key 'snapshot_steps' must hold integers >= 0, got {self.snapshot_steps}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), "
+                              f"got {self.checkpoint_every}")
         if self.num_threads < 0:
             raise ConfigError(f"config key 'num_threads' must be >= 0 (0 = automatic), got {self.num_threads}")
         if self.kl_weight < 0:
@@ -169,13 +176,18 @@ def run(
     config: LangevinMixtureConfig,
     *,
     metrics_sink: Callable[[list[dict]], None] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> LangevinMixtureResult:
-    """Run the experiment; ``metrics_sink`` receives blocks of JSON-ready records as they come."""
+    """Run the experiment; ``metrics_sink`` receives blocks of JSON-ready records as they come.
+
+    With ``checkpoints`` (see :mod:`.checkpointing`), the single loop writes a checkpoint every
+    ``config.checkpoint_every`` updates and on Ctrl-C, or continues from a saved one.
+    """
     with torch_threads(config.num_threads, 2 * config.num_particles):
-        return _run(config, metrics_sink)
+        return _run(config, metrics_sink, checkpoints)
 
 
-def _run(config: LangevinMixtureConfig, metrics_sink) -> LangevinMixtureResult:
+def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints | None) -> LangevinMixtureResult:
     dtype = getattr(torch, config.dtype)
     generator = torch.Generator().manual_seed(config.seed)
     problem = _problem(config, dtype)
@@ -190,6 +202,7 @@ def _run(config: LangevinMixtureConfig, metrics_sink) -> LangevinMixtureResult:
     if config.kl_weight > 0:
         estimator = estimator + KLToReference(problem.algo_potential, config.kl_weight)
     optimizer = _make_optimizer(config, potential.parameters())
+    lr_scheduler = make_lr_scheduler(optimizer, config.lr_schedule)
     algo = SingleLoop(
         problem.algo_potential,
         estimator,
@@ -197,7 +210,7 @@ def _run(config: LangevinMixtureConfig, metrics_sink) -> LangevinMixtureResult:
         step_size=setup.step_size,
         sampler=setup.step,
         sampler_steps_per_update=config.sampler_steps_per_update,
-        lr_scheduler=make_lr_scheduler(optimizer, config.lr_schedule),
+        lr_scheduler=lr_scheduler,
     )
 
     sink = metrics_sink or (lambda records: None)
@@ -209,16 +222,40 @@ def _run(config: LangevinMixtureConfig, metrics_sink) -> LangevinMixtureResult:
     )
     acceptance = _AcceptanceMean()
     shift = setup.shift
-    bar = ProgressBar(num_steps, f"single loop ({config.sampler})", enabled=config.progress)
+    first = checkpoints.start if checkpoints else 0
+    bar = ProgressBar(num_steps, f"single loop ({config.sampler})", enabled=config.progress, initial=first)
     callbacks = [rewards, (lambda k, y, st: evals(k, y - shift, st)) if shift else evals, acceptance, bar]
 
+    def state(done: int, x: torch.Tensor) -> tuple[dict, dict]:
+        """Everything the loop needs to continue after ``done`` updates, bit for bit."""
+        (t_r, m_r), (t_e, m_e) = rewards.state(), evals.state()
+        t_o, m_o = optimizer_state(optimizer)
+        tensors = {**{f"potential.{k}": v for k, v in potential.state_dict().items()}, "particles": x,
+                   "generator": generator.get_state(), **t_r, **t_e, **t_o, **acceptance.state()}
+        return tensors, {"rewards": m_r, "evals": m_e, "optimizer": m_o, "acceptance_count": acceptance.count,
+                         "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler else None}
+
     x = _initial_particles(config.num_particles, generator, dtype)
-    evals.record(0, x)
-    x = x + shift
+    if checkpoints and checkpoints.resumed:
+        tensors, saved = checkpoints.state
+        potential.load_state_dict({k[len("potential."):]: v for k, v in tensors.items() if k.startswith("potential.")})
+        load_optimizer_state(optimizer, tensors, saved["optimizer"])
+        if lr_scheduler is not None:
+            lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        generator.set_state(tensors["generator"])
+        rewards.load_state(tensors, saved["rewards"])
+        evals.load_state(tensors, saved["evals"])
+        acceptance.load_state(tensors, saved["acceptance_count"])
+        x = tensors["particles"].to(dtype)
+    else:
+        evals.record(0, x)
+        x = x + shift
+    if checkpoints:
+        callbacks.append(checkpoints.callback(state))  # last: it saves what the others recorded
     start = time.perf_counter()
     try:
-        with bar:
-            x = algo.run(x, num_steps, generator=generator, callbacks=callbacks)
+        with checkpoints.catch_interrupts() if checkpoints else contextlib.nullcontext(), bar:
+            x = algo.run(x, num_steps - first, generator=generator, start=first, callbacks=callbacks)
     finally:  # an interrupted run still leaves every recorded step in the metrics
         rewards.flush()
     wall = time.perf_counter() - start
@@ -258,6 +295,13 @@ class _AcceptanceMean:
 
     def mean(self) -> float | None:
         return float(self.total) / self.count if self.count else None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"acceptance_total": torch.as_tensor(self.total).clone()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], count: int) -> None:
+        self.count = int(count)
+        self.total = tensors["acceptance_total"] if self.count else 0.0
 
 
 def _comparisons(config: LangevinMixtureConfig, dtype: torch.dtype, reward_fn) -> dict[str, Curve]:
@@ -315,7 +359,6 @@ def save(result: LangevinMixtureResult, run_dir) -> list[str]:
     cfg = result.config
     save_tensors(run_dir / "theta.safetensors", {"theta": torch.from_numpy(result.theta)},
                  {"weights": json.dumps(result.weights[-1].tolist())})
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
     means = hexagon_mixture(cfg.theta0, dtype=torch.float64).means.numpy()
     plotting.plot_particle_clouds(
         run_dir / "particles.png", result.snapshots, result.snapshot_weights, means, reward_centre=REWARD_CENTRE
@@ -333,7 +376,9 @@ def save(result: LangevinMixtureResult, run_dir) -> list[str]:
     plotting.plot_mixture_weights(
         run_dir / "weights.png", result.eval_steps, result.weights, [f"c{i + 1}" for i in range(6)]
     )
-    return ["theta.safetensors", "summary.json", "particles.png", "reward.png", "weights.png"]
+    # last: a summary.json marks the run complete (``resume`` refuses to continue it)
+    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    return ["theta.safetensors", "particles.png", "reward.png", "weights.png", "summary.json"]
 
 
 def table(result: LangevinMixtureResult) -> str:

@@ -44,6 +44,18 @@ class RewardRecorder:
     def values(self) -> np.ndarray:
         return self._buf.double().numpy().copy()
 
+    def state(self, prefix: str = "rewards") -> tuple[dict[str, Tensor], dict]:
+        """Checkpoint: everything recorded so far (handed to the sink first, so the metrics file
+        is complete up to here)."""
+        self.flush()
+        return {prefix: self._buf[: self.count].clone()}, {"count": self.count}
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str = "rewards") -> None:
+        """Resume: the steps recorded before the checkpoint, already in the metrics file."""
+        n = int(meta["count"])
+        self._buf[:n] = tensors[prefix]
+        self.count = self._flushed = n
+
 
 class EvalRecorder:
     """Every ``every`` updates: exact E_{π*(θ)}[R] = Σₖ softmax(θ)ₖ eₖ, KL(π*(θ)‖π*(θ₀)), weights."""
@@ -85,22 +97,42 @@ class EvalRecorder:
                     "weights": w.tolist()}])
 
 
+    def state(self, prefix: str = "evals") -> tuple[dict[str, Tensor], dict]:
+        """Checkpoint: the evaluations and snapshots so far."""
+        weights = np.array(self.weights, dtype=np.float64).reshape(len(self.weights), -1)
+        tensors = {f"{prefix}.weights": torch.from_numpy(weights)}
+        for step, arr in self.snapshots.items():
+            tensors[f"{prefix}.snapshot.{step}"] = torch.from_numpy(arr)
+            tensors[f"{prefix}.snapshot_weights.{step}"] = torch.from_numpy(self.snapshot_weights[step])
+        return tensors, {"steps": self.steps, "exact_rewards": self.exact_rewards, "kls": self.kls,
+                         "snapshot_steps": sorted(self.snapshots)}
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str = "evals") -> None:
+        self.steps = list(meta["steps"])
+        self.exact_rewards = list(meta["exact_rewards"])
+        self.kls = list(meta["kls"])
+        self.weights = list(tensors[f"{prefix}.weights"].numpy())
+        self.snapshots = {s: tensors[f"{prefix}.snapshot.{s}"].numpy() for s in meta["snapshot_steps"]}
+        self.snapshot_weights = {s: tensors[f"{prefix}.snapshot_weights.{s}"].numpy() for s in meta["snapshot_steps"]}
+
+
 class ProgressBar:
     """A tqdm bar as a loop callback, updated every ``chunk`` steps to keep the loop cheap."""
 
-    def __init__(self, total: int, desc: str, *, enabled: bool = True, chunk: int = 50):
+    def __init__(self, total: int, desc: str, *, enabled: bool = True, chunk: int = 50, initial: int = 0):
         self.total = total
         self.desc = desc
         self.enabled = enabled
         self.chunk = chunk
         self._bar = None
-        self._shown = 0
+        self._shown = initial  # a resumed run starts part-way
 
     def __enter__(self) -> ProgressBar:
         if self.enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, desc=self.desc, unit="step", leave=False, dynamic_ncols=True)
+            self._bar = tqdm(total=self.total, desc=self.desc, unit="step", leave=False, dynamic_ncols=True,
+                             initial=self._shown)
         return self
 
     def __call__(self, k: int, x: Tensor, stats: dict) -> None:

@@ -1,15 +1,21 @@
-"""Run an experiment into a run directory: resolved config, metrics JSONL, results, figures."""
+"""Run an experiment into a run directory: resolved config, metrics JSONL, results, figures;
+and resume one from its checkpoint."""
 
 from __future__ import annotations
 
+import inspect
+import os
 import time
 from pathlib import Path
 from types import ModuleType
 
-from ..config import config_to_toml
+from ..checkpoint import load_checkpoint
+from ..config import build_config, config_to_dict, config_to_toml, load_config_file
+from ..errors import RunDirError
 from ..runio import MetricsWriter, atomic_write_text, prepare_run_dir
+from .checkpointing import CHECKPOINT_FILE, Checkpoints
 
-__all__ = ["execute", "default_run_dir"]
+__all__ = ["execute", "default_run_dir", "resume"]
 
 
 def default_run_dir(name: str) -> Path:
@@ -21,15 +27,65 @@ def default_run_dir(name: str) -> Path:
     return path
 
 
-def execute(experiment: ModuleType, config, run_dir: str | Path):
+def supports_checkpoints(experiment: ModuleType) -> bool:
+    """Whether ``experiment.run`` takes ``checkpoints=`` (see :mod:`.checkpointing`)."""
+    return "checkpoints" in inspect.signature(experiment.run).parameters
+
+
+def execute(experiment: ModuleType, config, run_dir: str | Path, *, name: str | None = None):
     """``experiment.run`` with metrics streamed to ``metrics.jsonl``, then ``experiment.save``.
 
     Returns ``(result, files)``. The config is written before the run starts, so a crashed run
-    still says what it was.
+    still says what it was. Experiments that support checkpoints write
+    ``checkpoint.safetensors`` every ``config.checkpoint_every`` updates and on Ctrl-C
+    (``name`` is stored in it so that :func:`resume` finds the experiment again).
     """
     run_dir = prepare_run_dir(run_dir)
     atomic_write_text(run_dir / "config.toml", config_to_toml(config))
+    return _run(experiment, config, run_dir, name or experiment.__name__.rsplit(".", 1)[-1], resumed=None)
+
+
+def resume(run_dir: str | Path, experiments: dict[str, ModuleType]):
+    """Continue the run in ``run_dir`` from its checkpoint; returns ``(name, config, result, files)``.
+
+    The metrics file is cut back to its length at the checkpoint, so the finished run's files
+    are those an uninterrupted run would have written (bit-identical on CPU).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {str(run_dir)!r} does not exist")
+    path = run_dir / CHECKPOINT_FILE
+    if (run_dir / "summary.json").exists():  # written last, by experiment.save
+        raise RunDirError(f"the run in {str(run_dir)!r} is complete (it has its summary.json); nothing to resume")
+    if not path.exists():
+        raise RunDirError(f"no checkpoint in {str(run_dir)!r}: nothing to resume (runs write one every "
+                          f"--checkpoint-every N updates, and on Ctrl-C)")
+    tensors, meta = load_checkpoint(path)
+    name = meta.get("experiment")
+    if name not in experiments:
+        raise RunDirError(f"checkpoint in {str(run_dir)!r} is for unknown experiment {name!r}; "
+                          f"known: {', '.join(sorted(experiments))}")
+    experiment = experiments[name]
+    config = build_config(experiment.Config, load_config_file(run_dir / "config.toml"))
+    if config_to_dict(config) != meta["config"]:
+        raise RunDirError(f"{str(run_dir / 'config.toml')!r} differs from the config saved in the checkpoint; "
+                          f"resume needs the run's own config")
+    metrics = run_dir / "metrics.jsonl"
+    with open(metrics, "r+b") as f:  # drop what was written after the checkpoint
+        f.truncate(int(meta["metrics_offset"]))
+        os.fsync(f.fileno())
+    result, files = _run(experiment, config, run_dir, name, resumed=(tensors, meta))
+    return name, config, result, files
+
+
+def _run(experiment: ModuleType, config, run_dir: Path, name: str, resumed):
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
-        result = experiment.run(config, metrics_sink=metrics.write)
+        kwargs = {}
+        if supports_checkpoints(experiment):
+            kwargs["checkpoints"] = Checkpoints(run_dir, getattr(config, "checkpoint_every", 0), experiment=name,
+                                                config=config, metrics_position=metrics.tell, resumed=resumed)
+        result = experiment.run(config, metrics_sink=metrics.write, **kwargs)
     files = ["config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]
+    if supports_checkpoints(experiment) and (run_dir / CHECKPOINT_FILE).exists():
+        files.insert(2, CHECKPOINT_FILE)
     return result, files
