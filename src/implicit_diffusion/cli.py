@@ -7,6 +7,7 @@
     implicit-diffusion pretrain DATASET [--data PATH] [--trust-pickle] [same options]
     implicit-diffusion resume RUN_DIR
     implicit-diffusion list
+    torchrun --nproc_per_node W -m implicit_diffusion run NAME --out DIR [...]   (particles sharded)
 
 ``--data``, ``--trust-pickle``, ``--reward``, ``--sweep`` and ``--checkpoint-every`` are shorthands
 for the config keys ``data``, ``trust_pickle``, ``reward``, ``sweep`` and ``checkpoint_every``; an
@@ -59,7 +60,9 @@ def _common_options(r: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from . import distributed
     from .config import build_config, load_config_file, parse_overrides
+    from .errors import ConfigError
     from .experiments import EXPERIMENTS, pretrain
     from .experiments.runner import default_run_dir, execute
 
@@ -80,10 +83,20 @@ def _run(args: argparse.Namespace) -> int:
                   "checkpoint_every": getattr(args, "checkpoint_every", None)}
     sources.append({k: v for k, v in shorthands.items() if v is not None})
     config = build_config(experiment.Config, *sources)
-    run_dir = args.out or default_run_dir(name)
-    start = time.perf_counter()
-    result, files = execute(experiment, config, run_dir, name=name)
-    _report(name, experiment, config, result, files, run_dir, start)
+    sharded = distributed.init_from_env()  # under torchrun: join the process group
+    try:
+        if sharded and args.out is None:
+            raise ConfigError("under torchrun, name the output directory with --out DIR (the same for all processes)")
+        run_dir = args.out or default_run_dir(name)
+        start = time.perf_counter()
+        result, files = execute(experiment, config, run_dir, name=name)
+        if distributed.is_main():
+            _report(name, experiment, config, result, files, run_dir, start)
+    finally:
+        if sharded:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
 
 

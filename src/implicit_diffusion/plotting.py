@@ -66,7 +66,8 @@ def plot_particle_clouds(
     for ax, (label, particles, w) in zip(axes, panels):
         dens = _mixture_density(grid, means, w, variance)
         ax.contourf(gx, gy, dens, levels=12, cmap="Blues")
-        ax.scatter(particles[:, 0], particles[:, 1], s=2, c="#d62728", alpha=0.5, linewidths=0)
+        shown = particles[:: max(1, len(particles) // 5000)]  # at most ~5,000 dots: a cloud, not a blot
+        ax.scatter(shown[:, 0], shown[:, 1], s=2, c="#d62728", alpha=0.5, linewidths=0)
         if reward_centre is not None:
             ax.plot(*reward_centre, marker="*", color="gold", markersize=12, markeredgecolor="k")
         ax.set_xlim(-lim, lim)

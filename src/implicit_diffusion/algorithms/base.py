@@ -8,6 +8,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from ..distributed import all_reduce_grads
 from ..objectives.base import Surrogate
 
 __all__ = ["Callback", "StepSize", "apply_surrogate", "clear_grads", "resolve_step_size", "run_steps", "with_acceptance"]
@@ -38,8 +39,10 @@ def with_acceptance(stats: dict, info) -> dict:
 
 def apply_surrogate(potential, surrogate: Surrogate, optimizer: torch.optim.Optimizer, lr_scheduler=None) -> None:
     """θ ← optimizer step with gradient Γ (the gradient of ``surrogate.loss``)."""
-    clear_grads(p for group in optimizer.param_groups for p in group["params"])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    clear_grads(params)
     surrogate.backward(potential)
+    all_reduce_grads(params)  # sharded particles: sum the processes' shares of Γ (no-op otherwise)
     optimizer.step()
     if lr_scheduler is not None:
         lr_scheduler.step()

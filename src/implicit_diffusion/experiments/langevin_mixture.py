@@ -22,6 +22,7 @@ import torch
 
 from ..algorithms import NestedLoop, SingleLoop, make_lr_scheduler
 from ..checkpoint import load_optimizer_state, optimizer_state
+from ..distributed import all_gather_rows, rank, world_size
 from ..errors import ConfigError
 from ..models import (
     HEXAGON_THETA0,
@@ -33,6 +34,7 @@ from ..models import (
 )
 from ..objectives import KLToReference, RewardEstimator, hexagon_reward, hexagon_reward_smooth
 from ..samplers import ula_step
+from ..samplers.blocks import block_generator, blockwise
 from .checkpointing import Checkpoints
 from .hexagon_exact import MixtureKL, component_reward_expectations
 from .langevin_samplers import SamplerSetup, sampler_setup
@@ -70,6 +72,7 @@ class LangevinMixtureConfig:
     num_threads: int = 0  # 0: 1 thread below 20,000 numbers per batch, torch's default above
     progress: bool = True
     checkpoint_every: int = 0  # θ updates between checkpoints (0: only on Ctrl-C)
+    particle_blocks: int = 1  # B blocks with their own random streams; torchrun needs a multiple of its W
 
     def __post_init__(self) -> None:
         positive = ("num_particles", "num_steps", "step_size", "lr", "sampler_steps_per_update", "eval_every")
@@ -82,6 +85,9 @@ class LangevinMixtureConfig:
             raise ConfigError(f"config key 'nested_inner_steps' must hold integers >= 1, got {self.nested_inner_steps}")
         if any(s < 0 for s in self.snapshot_steps):
             raise ConfigError(f"config key 'snapshot_steps' must hold integers >= 0, got {self.snapshot_steps}")
+        if self.particle_blocks < 1 or self.num_particles % self.particle_blocks:
+            raise ConfigError(f"config key 'particle_blocks' must be >= 1 and divide num_particles "
+                              f"({self.num_particles}), got {self.particle_blocks}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), "
                               f"got {self.checkpoint_every}")
@@ -189,7 +195,9 @@ def run(
 
 def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints | None) -> LangevinMixtureResult:
     dtype = getattr(torch, config.dtype)
-    generator = torch.Generator().manual_seed(config.seed)
+    blocks = _local_blocks(config)
+    generators = [block_generator(config.seed, b, config.particle_blocks) for b in blocks]
+    generator = generators[0] if len(generators) == 1 else tuple(generators)
     problem = _problem(config, dtype)
     potential, setup = problem.potential, problem.setup
     means = potential.means.double().numpy()
@@ -208,7 +216,7 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
         estimator,
         optimizer,
         step_size=setup.step_size,
-        sampler=setup.step,
+        sampler=setup.step if len(generators) == 1 else blockwise(setup.step),
         sampler_steps_per_update=config.sampler_steps_per_update,
         lr_scheduler=lr_scheduler,
     )
@@ -218,7 +226,8 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
     snapshot_steps = sorted({min(s, num_steps) for s in config.snapshot_steps} | {num_steps})
     rewards = RewardRecorder(num_steps, sink, dtype=dtype)
     evals = EvalRecorder(
-        potential, config.eval_every, num_steps, component_rewards, mixture_kl, snapshot_steps, sink
+        potential, config.eval_every, num_steps, component_rewards, mixture_kl, snapshot_steps, sink,
+        gather=all_gather_rows,  # snapshots hold every process's particles
     )
     acceptance = _AcceptanceMean()
     shift = setup.shift
@@ -231,18 +240,21 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
         (t_r, m_r), (t_e, m_e) = rewards.state(), evals.state()
         t_o, m_o = optimizer_state(optimizer)
         tensors = {**{f"potential.{k}": v for k, v in potential.state_dict().items()}, "particles": x,
-                   "generator": generator.get_state(), **t_r, **t_e, **t_o, **acceptance.state()}
+                   **{f"generator.{b}": g.get_state() for b, g in zip(blocks, generators)},
+                   **t_r, **t_e, **t_o, **acceptance.state()}
         return tensors, {"rewards": m_r, "evals": m_e, "optimizer": m_o, "acceptance_count": acceptance.count,
                          "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler else None}
 
-    x = _initial_particles(config.num_particles, generator, dtype)
+    per_block = config.num_particles // config.particle_blocks
+    x = torch.cat([_initial_particles(per_block, g, dtype) for g in generators])
     if checkpoints and checkpoints.resumed:
         tensors, saved = checkpoints.state
         potential.load_state_dict({k[len("potential."):]: v for k, v in tensors.items() if k.startswith("potential.")})
         load_optimizer_state(optimizer, tensors, saved["optimizer"])
         if lr_scheduler is not None:
             lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        generator.set_state(tensors["generator"])
+        for b, g in zip(blocks, generators):
+            g.set_state(tensors[f"generator.{b}"])
         rewards.load_state(tensors, saved["rewards"])
         evals.load_state(tensors, saved["evals"])
         acceptance.load_state(tensors, saved["acceptance_count"])
@@ -278,6 +290,18 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
     if config.compare:
         result.comparisons = _comparisons(config, dtype, reward_fn)
     return result
+
+
+def _local_blocks(config: LangevinMixtureConfig) -> range:
+    """The particle blocks this process holds: all of them, or its 1/W share under torchrun."""
+    world, r = world_size(), rank()
+    if config.particle_blocks % world:
+        raise ConfigError(f"with {world} processes, config key 'particle_blocks' must be a multiple of {world} "
+                          f"(each process holds particle_blocks/{world} blocks), got {config.particle_blocks}")
+    if world > 1 and config.compare:
+        raise ConfigError("config key 'compare' runs the baselines in a single process; run it without torchrun")
+    share = config.particle_blocks // world
+    return range(r * share, (r + 1) * share)
 
 
 class _AcceptanceMean:

@@ -62,7 +62,7 @@ class EvalRecorder:
 
     def __init__(self, potential, every: int, num_steps: int, component_rewards: np.ndarray,
                  mixture_kl: Callable[[np.ndarray], float], snapshot_steps: list[int],
-                 sink: Callable[[list[dict]], None]):
+                 sink: Callable[[list[dict]], None], gather: Callable[[Tensor], Tensor] = lambda x: x):
         self.potential = potential
         self.every = every
         self.num_steps = num_steps
@@ -70,6 +70,7 @@ class EvalRecorder:
         self.mixture_kl = mixture_kl
         self.snapshot_steps = set(snapshot_steps)
         self.sink = sink
+        self.gather = gather  # the particles of a snapshot from every process (sharded runs)
         self.steps: list[int] = []
         self.exact_rewards: list[float] = []
         self.kls: list[float] = []
@@ -85,7 +86,7 @@ class EvalRecorder:
     def record(self, done: int, x: Tensor) -> None:
         w = torch.softmax(self.potential.logits.detach().double(), 0).numpy()
         if done in self.snapshot_steps:
-            self.snapshots[done] = x.detach().double().numpy().copy()
+            self.snapshots[done] = self.gather(x.detach()).double().numpy().copy()
             self.snapshot_weights[done] = w
         if done % self.every and done != self.num_steps and done != 0:
             return

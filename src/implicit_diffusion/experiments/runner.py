@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from .. import distributed
 from ..checkpoint import load_checkpoint
 from ..config import build_config, config_to_dict, config_to_toml, load_config_file
 from ..errors import RunDirError
@@ -40,9 +41,31 @@ def execute(experiment: ModuleType, config, run_dir: str | Path, *, name: str | 
     ``checkpoint.safetensors`` every ``config.checkpoint_every`` updates and on Ctrl-C
     (``name`` is stored in it so that :func:`resume` finds the experiment again).
     """
+    if distributed.active():
+        return _execute_sharded(experiment, config, run_dir)
     run_dir = prepare_run_dir(run_dir)
     atomic_write_text(run_dir / "config.toml", config_to_toml(config))
     return _run(experiment, config, run_dir, name or experiment.__name__.rsplit(".", 1)[-1], resumed=None)
+
+
+def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path):
+    """Under torchrun: every process runs its shard; only rank 0 writes (no checkpoints yet).
+    Rank 0 prepares the directory first and all processes agree before any collective call,
+    so a bad ``--out`` stops them all instead of leaving the others waiting."""
+    error = None
+    if distributed.is_main():
+        try:
+            run_dir = prepare_run_dir(run_dir)
+            atomic_write_text(run_dir / "config.toml", config_to_toml(config))
+        except RunDirError as e:
+            error = e
+    if not distributed.agree(error is None):
+        raise error or RunDirError(f"rank 0 could not prepare the output directory {str(run_dir)!r}")
+    if not distributed.is_main():
+        return experiment.run(config), []
+    with MetricsWriter(Path(run_dir) / "metrics.jsonl") as metrics:
+        result = experiment.run(config, metrics_sink=metrics.write)
+    return result, ["config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]
 
 
 def resume(run_dir: str | Path, experiments: dict[str, ModuleType]):

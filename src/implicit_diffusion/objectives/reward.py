@@ -6,7 +6,8 @@
 
 the gradient of the surrogate Σᵢ wᵢ V(xᵢ, θ) with wᵢ = λ(R(xᵢ) − R̄)/(N−1): the unbiased
 sample covariance, so E[Γ_R] = ∇θ(−λE[R]) exactly for i.i.d. particles. Only reward
-*values* enter, so R may be non-differentiable (an indicator).
+*values* enter, so R may be non-differentiable (an indicator). With particles sharded over
+processes (:mod:`implicit_diffusion.distributed`), N and R̄ are global.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .._checks import callable_name, check_values
+from ..distributed import global_count, global_mean
 from .base import Estimator, Surrogate
 
 __all__ = ["RewardEstimator"]
@@ -40,6 +42,7 @@ class RewardEstimator(Estimator):
             r = check_values(self._name, self.reward_fn(x), x)
             if not r.is_floating_point():  # an indicator returned as bool or int
                 r = r.to(x.dtype)
-            r_mean = r.mean()
-            w = (r - r_mean).mul_(self.weight / max(x.shape[0] - 1, 1))
+            n = global_count(x.shape[0])  # over all processes when particles are sharded
+            r_mean = global_mean(r, n)
+            w = (r - r_mean).mul_(self.weight / max(n - 1, 1))
         return Surrogate((x,), (w,), {"reward": r_mean})
