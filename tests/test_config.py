@@ -135,3 +135,19 @@ def test_other_suffixes_are_refused(tmp_path):
     f.write_text("{}")
     with pytest.raises(ConfigError, match=r"\.toml, \.yaml, \.yml"):
         load_config_file(f)
+
+
+def test_optional_settings_left_unset_round_trip(tmp_path):
+    """TOML has no null: an unset optional key is omitted from config.toml and reads back as None."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class WithOptional:
+        lr: float = 0.1
+        data: str | None = None
+
+    for c in (WithOptional(), WithOptional(data="x.npz")):
+        f = tmp_path / "config.toml"
+        f.write_text(config_to_toml(c))
+        assert "null" not in f.read_text()
+        assert build_config(WithOptional, load_config_file(f)) == c

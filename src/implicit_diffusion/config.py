@@ -108,7 +108,12 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def config_to_toml(config: Any) -> str:
     """The resolved config as flat TOML that :func:`build_config` reads back to the same object."""
     lines = []
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
     for key, value in config_to_dict(config).items():
+        if value is None:  # TOML has no null: an omitted key reads back as its default, which must be None
+            if defaults[key] is not None:
+                raise ValueError(f"config key {key!r} is None but defaults to {defaults[key]!r}: TOML cannot say so")
+            continue
         lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
 

@@ -1,12 +1,13 @@
 """Experiments: each a frozen config dataclass and ``run(config) -> result``."""
 
-from . import diffusion_finetune, diffusion_gaussian_1d, langevin_mixture
+from . import diffusion_finetune, diffusion_gaussian_1d, hyperparameter, langevin_mixture
 
-__all__ = ["diffusion_finetune", "diffusion_gaussian_1d", "langevin_mixture", "EXPERIMENTS"]
+__all__ = ["diffusion_finetune", "diffusion_gaussian_1d", "hyperparameter", "langevin_mixture", "EXPERIMENTS"]
 
 # name → module with ``Config``-class attribute and ``run``; the CLI looks experiments up here.
 EXPERIMENTS = {
     "langevin-mixture": langevin_mixture,
     "diffusion-gaussian-1d": diffusion_gaussian_1d,
     "diffusion-finetune": diffusion_finetune,
+    "hyperparameter": hyperparameter,
 }
