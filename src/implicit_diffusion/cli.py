@@ -6,6 +6,7 @@
                                 [--checkpoint-every N]
     implicit-diffusion pretrain DATASET [--data PATH] [--trust-pickle] [same options]
     implicit-diffusion resume RUN_DIR
+    implicit-diffusion report RUN_DIR [RUN_DIR ...] [--out DIR]
     implicit-diffusion list
     torchrun --nproc_per_node W -m implicit_diffusion run NAME --out DIR [...]   (particles sharded)
 
@@ -40,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="write a checkpoint every N updates (same as --set checkpoint_every=N; Ctrl-C always writes one)")
     c = sub.add_parser("resume", help="continue an interrupted run from its checkpoint")
     c.add_argument("run_dir", metavar="RUN_DIR", help="the run's output directory")
+    rep = sub.add_parser("report", help="plot every metric of one or several runs, with a Markdown summary")
+    rep.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run output directories (several: compared)")
+    rep.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/report for one run)")
     t = sub.add_parser("pretrain", help="train a score model by denoising score matching")
     t.add_argument("dataset", choices=DATASETS, help="built-in data set, or mnist/cifar10/images with --data")
     _common_options(t)
@@ -110,6 +114,18 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_command(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if args.out is None and len(args.run_dirs) > 1:
+        print("implicit-diffusion: error: comparing several runs needs --out DIR", file=sys.stderr)
+        return 2
+    out = args.out or f"{args.run_dirs[0].rstrip('/')}/report"
+    files = write_report(args.run_dirs, out)
+    print(f"wrote {out}/: {', '.join(files)}")
+    return 0
+
+
 def _report(name, experiment, config, result, files, run_dir, start: float) -> None:
     print(f"{name} (seed {config.seed})")
     print(experiment.table(result))
@@ -135,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "report":
+            return _report_command(args)
         return _resume(args) if args.command == "resume" else _run(args)
     except ImplicitDiffusionError as e:
         print(f"implicit-diffusion: error: {e}", file=sys.stderr)

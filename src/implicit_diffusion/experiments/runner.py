@@ -41,14 +41,28 @@ def execute(experiment: ModuleType, config, run_dir: str | Path, *, name: str | 
     ``checkpoint.safetensors`` every ``config.checkpoint_every`` updates and on Ctrl-C
     (``name`` is stored in it so that :func:`resume` finds the experiment again).
     """
+    name = name or experiment.__name__.rsplit(".", 1)[-1]
     if distributed.active():
-        return _execute_sharded(experiment, config, run_dir)
+        return _execute_sharded(experiment, config, run_dir, name)
     run_dir = prepare_run_dir(run_dir)
+    _write_run_info(run_dir, name)
     atomic_write_text(run_dir / "config.toml", config_to_toml(config))
-    return _run(experiment, config, run_dir, name or experiment.__name__.rsplit(".", 1)[-1], resumed=None)
+    return _run(experiment, config, run_dir, name, resumed=None)
 
 
-def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path):
+def _write_run_info(run_dir: Path, name: str) -> None:
+    """``run.json``: which experiment made this directory (for ``report``), when and how."""
+    import json
+    import sys
+
+    from .. import __version__
+
+    info = {"experiment": name, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
+            "implicit_diffusion": __version__}
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+
+
+def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: str):
     """Under torchrun: every process runs its shard; only rank 0 writes (no checkpoints yet).
     Rank 0 prepares the directory first and all processes agree before any collective call,
     so a bad ``--out`` stops them all instead of leaving the others waiting."""
@@ -56,6 +70,7 @@ def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path):
     if distributed.is_main():
         try:
             run_dir = prepare_run_dir(run_dir)
+            _write_run_info(run_dir, name)
             atomic_write_text(run_dir / "config.toml", config_to_toml(config))
         except RunDirError as e:
             error = e
@@ -65,7 +80,7 @@ def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path):
         return experiment.run(config), []
     with MetricsWriter(Path(run_dir) / "metrics.jsonl") as metrics:
         result = experiment.run(config, metrics_sink=metrics.write)
-    return result, ["config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]
+    return result, ["run.json", "config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]
 
 
 def resume(run_dir: str | Path, experiments: dict[str, ModuleType]):
@@ -108,7 +123,7 @@ def _run(experiment: ModuleType, config, run_dir: Path, name: str, resumed):
             kwargs["checkpoints"] = Checkpoints(run_dir, getattr(config, "checkpoint_every", 0), experiment=name,
                                                 config=config, metrics_position=metrics.tell, resumed=resumed)
         result = experiment.run(config, metrics_sink=metrics.write, **kwargs)
-    files = ["config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]
+    files = ["run.json", "config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]
     if supports_checkpoints(experiment) and (run_dir / CHECKPOINT_FILE).exists():
-        files.insert(2, CHECKPOINT_FILE)
+        files.insert(3, CHECKPOINT_FILE)
     return result, files
