@@ -1,7 +1,8 @@
 """Preconditioned Langevin x' = x − γP∇V(x) + √(2γ)Lz: the exact step (matrix and diagonal P),
 the exact AR(1) stationary law on an ill-conditioned Gaussian with P = Σ (negative controls:
 √γ noise, and the continuous-time law Σ itself), the mixing gain over ULA at equal γ and step
-count, input validation, and use inside SingleLoop."""
+count, input validation, use inside SingleLoop, and the inverse-Hessian preconditioner (exact:
+Σ back from a Gaussian potential, the mean Hessian over points, the eigenvalue floor)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from conftest import Z, assert_close64, assert_single_loop_matches_hand_loop, f6
 
 from implicit_diffusion.models import FunctionPotential, GaussianPotential
 from implicit_diffusion.objectives import RewardEstimator
-from implicit_diffusion.samplers import LangevinInfo, preconditioned_langevin, ula_step
+from implicit_diffusion.samplers import LangevinInfo, inverse_hessian, preconditioned_langevin, ula_step
 
 # Σ = R diag(100, 1) Rᵀ, R the rotation by 30°: condition number 100, axes off the coordinates.
 ANGLE = math.pi / 6
@@ -198,3 +199,73 @@ def test_runs_inside_single_loop(generator):
     sampler = preconditioned_langevin(f64([[2.0, 0.5], [0.5, 1.0]]))
     assert_single_loop_matches_hand_loop(GaussianPotential(torch.zeros(2, dtype=torch.float64)), est, sampler,
                                          randn64(generator, 300, 2), step_size=0.2, min_change=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# The inverse-Hessian preconditioner
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inverse_hessian_of_a_gaussian_is_its_covariance(generator):
+    """V = ½(x − μ)ᵀΣ⁻¹(x − μ): ∇²V = Σ⁻¹ everywhere, so P = Σ (condition number 100), from one
+    point or from a batch; and the step built from it is the one built from Σ."""
+    V = gaussian_potential()
+    for x in (f64([3.0, -1.0]), randn64(generator, 7, 2)):
+        P = inverse_hessian(V, x)
+        assert_close64(P, SIGMA)
+        assert not P.requires_grad and P.shape == (2, 2)
+    x, z = randn64(generator, 4, 2), randn64(generator, 4, 2)
+    P = inverse_hessian(V, x, min_eigenvalue=1e-6)
+    assert_close64(preconditioned_langevin(P)(x, V, step_size=0.1, noise=z)[0],
+                   preconditioned_langevin(SIGMA)(x, V, step_size=0.1, noise=z)[0])
+
+
+def quartic():
+    """V(x) = x₁⁴/4 + x₂⁴/4 + a·x₁x₂ with a = θ = 0.5: ∇²V(x) = [[3x₁², a], [a, 3x₂²]]."""
+    return FunctionPotential(lambda x, a: (x**4).sum(-1) / 4 + a * x[:, 0] * x[:, 1], f64(0.5))
+
+
+def test_inverse_hessian_averages_over_points():
+    """Points (1, 2) and (2, 0): mean Hessian [[7.5, 0.5], [0.5, 6]], inverted by hand."""
+    P = inverse_hessian(quartic(), f64([[1.0, 2.0], [2.0, 0.0]]))
+    H = f64([[7.5, 0.5], [0.5, 6.0]])
+    det = 7.5 * 6.0 - 0.25
+    assert_close64(P, f64([[6.0, -0.5], [-0.5, 7.5]]) / det)
+    assert_close64(P @ H, torch.eye(2, dtype=torch.float64))
+
+
+def test_inverse_hessian_floors_negative_curvature():
+    """V = (x₁² − 1)² + x₂²/2 at x = 0: ∇²V = diag(−4, 1). The floor λ_min = 0.1 gives
+    P = diag(1/0.1, 1) = diag(10, 1): SPD, eigenvalues ≤ 1/λ_min; it plugs into the step.
+    At the wells x₁ = ±1 (∇²V = diag(8, 1)) the mean over both is diag(8, 1): no floor."""
+    V = FunctionPotential(lambda x, c: (x[:, 0] ** 2 - c) ** 2 + x[:, 1] ** 2 / 2, f64(1.0))
+    P = inverse_hessian(V, f64([0.0, 0.0]), min_eigenvalue=0.1)
+    assert_close64(P, torch.diag(f64([10.0, 1.0])))
+    evals = torch.linalg.eigvalsh(P)
+    assert float(evals.min()) > 0 and float(evals.max()) <= 1 / 0.1 + 1e-12
+    preconditioned_langevin(P)  # accepted as SPD
+    # an affine V has ∇²V = 0 everywhere: every eigenvalue is floored, P = I/λ_min
+    assert_close64(inverse_hessian(lambda x: x.sum(-1), f64([[1.0, 2.0]]), min_eigenvalue=0.25),
+                   4 * torch.eye(2, dtype=torch.float64))
+    # a batch straddling the barrier: mean Hessian diag(mean(12x₁² − 4), 1)
+    x = f64([[0.1, 0.0], [0.2, 1.0], [-0.3, 2.0]])
+    h11 = float((12 * x[:, 0] ** 2 - 4).mean())  # = −3.44 < 0: floored
+    assert h11 < 0
+    assert_close64(inverse_hessian(V, x, min_eigenvalue=0.5), torch.diag(f64([2.0, 1.0])))
+    assert_close64(inverse_hessian(V, f64([[1.0, 0.0], [-1.0, 3.0]])), torch.diag(f64([1 / 8, 1.0])))
+
+
+def test_inverse_hessian_errors():
+    V = gaussian_potential()
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="min_eigenvalue"):
+            inverse_hessian(V, f64([0.0, 0.0]), min_eigenvalue=bad)
+    for x in (torch.zeros(2, 2, 2, dtype=torch.float64), torch.zeros(0, 2, dtype=torch.float64), f64(1.0)):
+        with pytest.raises(ValueError, match="shape"):
+            inverse_hessian(V, x)
+    with pytest.raises(ValueError, match="finite"):
+        inverse_hessian(V, f64([0.0, float("nan")]))
+    with pytest.raises(ValueError, match="one value per particle"):
+        inverse_hessian(lambda x: (x**2).sum(), f64([[0.0, 1.0], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match="not finite"):
+        inverse_hessian(lambda x: (x**2).sum(-1).sqrt(), f64([[0.0, 0.0]]))  # ∇²‖x‖ blows up at 0

@@ -8,6 +8,9 @@ symmetric P^{1/2}, ...) gives the same law, and the Cholesky factor is the cheap
 
 Reference: Girolami & Calderhead 2011, JRSS-B 73(2), §5 (constant metric); Roberts & Stramer
 2002, "Langevin diffusions and Metropolis-Hastings algorithms", Methodol. Comput. Appl. Probab. 4.
+
+:func:`inverse_hessian` builds a Laplace-type P = (mean Hessian of V)⁻¹ from a set of points, to
+plug into :func:`preconditioned_langevin` as a fixed metric.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._checks import check_values
 from .langevin import LangevinInfo, check_step_size, draw_noise, energy_grad
 
-__all__ = ["preconditioned_langevin"]
+__all__ = ["inverse_hessian", "preconditioned_langevin"]
 
 Step = Callable[..., tuple[Tensor, LangevinInfo]]
 
@@ -100,3 +104,54 @@ def preconditioned_langevin(P: Tensor) -> Step:
     )
     step.preconditioner = P  # type: ignore[attr-defined]
     return step
+
+
+def inverse_hessian(potential, x: Tensor, *, min_eigenvalue: float = 1e-3) -> Tensor:
+    """P = H̄₊⁻¹: the inverse of the mean Hessian of V over the given points, eigenvalues floored.
+
+        H̄ = (1/n) Σᵢ ∇²V(xᵢ)  (symmetrised),   H̄ = Q diag(λ) Qᵀ,   P = Q diag(1/max(λ, λ_min)) Qᵀ.
+
+    ``x``: ``(n, d)`` points (e.g. the current particles) or one point ``(d,)``; ``potential(x) ->
+    (n,)`` with V(xᵢ) depending on xᵢ only, differentiable twice by autograd (d backward passes).
+    ``min_eigenvalue`` λ_min > 0 keeps P symmetric positive definite where V is not convex (its
+    eigenvalues are then ≤ 1/λ_min). Returns a detached ``(d, d)`` tensor in x's dtype, for
+    ``preconditioned_langevin(P)``.
+
+    This is a *fixed* (Laplace-type) metric: recompute it between runs if you like, but a
+    position-dependent P(x) inside the step would need the divergence correction
+    Σⱼ ∂ⱼP_ij(x) in the drift (Girolami & Calderhead 2011, §5; Xifara et al. 2014) to keep π invariant,
+    which ``preconditioned_langevin`` does not add.
+
+    Example:
+        >>> from implicit_diffusion.models import GaussianPotential
+        >>> inverse_hessian(GaussianPotential(torch.zeros(2)), torch.zeros(2)).tolist()  # V = ½‖x‖²
+        [[1.0, 0.0], [0.0, 1.0]]
+    """
+    min_eigenvalue = float(min_eigenvalue)
+    if not (min_eigenvalue > 0 and math.isfinite(min_eigenvalue)):
+        raise ValueError(f"min_eigenvalue must be a finite number > 0, got {min_eigenvalue}")
+    x = torch.as_tensor(x)
+    if not x.is_floating_point():
+        x = x.to(torch.get_default_dtype())
+    if x.ndim == 1:
+        x = x.unsqueeze(0)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x must be one point (d,) or a non-empty batch (n, d), got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x must be finite: it holds NaN or inf entries")
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        energies = check_values("potential", potential(xr), xr)
+        (g,) = torch.autograd.grad(energies.sum(), xr, create_graph=True)
+        rows = []
+        for j in range(x.shape[1]):  # row j of every ∇²V(xᵢ): ∂/∂xᵢ of (∇V(xᵢ))_j
+            h = None
+            if g.requires_grad:  # else V is affine in x: ∇V is constant, ∇²V = 0
+                (h,) = torch.autograd.grad(g[:, j].sum(), xr, retain_graph=True, allow_unused=True)
+            rows.append(torch.zeros_like(x) if h is None else h)
+    H = torch.stack(rows, 1).mean(0).detach()  # (d, d): the mean over the n points
+    if not torch.isfinite(H).all():
+        raise ValueError("the Hessian of the potential is not finite at the given points")
+    evals, Q = torch.linalg.eigh(0.5 * (H + H.T))
+    P = (Q / evals.clamp(min=min_eigenvalue)) @ Q.T
+    return 0.5 * (P + P.T)
