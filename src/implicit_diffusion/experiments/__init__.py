@@ -1,8 +1,15 @@
 """Experiments: each a frozen config dataclass and ``run(config) -> result``."""
 
-from . import diffusion_finetune, diffusion_gaussian_1d, hyperparameter, langevin_mixture
+from . import diffusion_finetune, diffusion_gaussian_1d, hyperparameter, langevin_mixture, rates
 
-__all__ = ["diffusion_finetune", "diffusion_gaussian_1d", "hyperparameter", "langevin_mixture", "EXPERIMENTS"]
+__all__ = [
+    "EXPERIMENTS",
+    "diffusion_finetune",
+    "diffusion_gaussian_1d",
+    "hyperparameter",
+    "langevin_mixture",
+    "rates",
+]
 
 # name → module with ``Config``-class attribute and ``run``; the CLI looks experiments up here.
 EXPERIMENTS = {
@@ -10,4 +17,5 @@ EXPERIMENTS = {
     "diffusion-gaussian-1d": diffusion_gaussian_1d,
     "diffusion-finetune": diffusion_finetune,
     "hyperparameter": hyperparameter,
+    "rates": rates,
 }
