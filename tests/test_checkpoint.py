@@ -116,7 +116,7 @@ def reference(tmp_path):
     return tmp_path / "reference"
 
 
-@pytest.mark.parametrize("sampler", ["ula", "mala"])
+@pytest.mark.parametrize("sampler", ["ula", "mala", "primal-dual-box"])
 def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, sampler, reference):
     """A crash at update 500 (after the checkpoint at 400, with metrics written past it) and a
     resume give the same metrics file, summary and θ as the uninterrupted run, bit for bit."""
@@ -137,7 +137,9 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
     run_dir = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         execute(langevin_mixture, cfg, run_dir, name="langevin-mixture")
-    assert load_checkpoint(run_dir / "checkpoint.safetensors")[1]["step"] == 400
+    saved, meta = load_checkpoint(run_dir / "checkpoint.safetensors")
+    assert meta["step"] == 400
+    assert ("sampler.dual" in saved) == (sampler == "primal-dual-box")  # the dual iterate is state too
     monkeypatch.setattr(recording.EvalRecorder, "record", original)
     name, _, result, files = resume(run_dir, EXPERIMENTS)
     assert name == "langevin-mixture" and "theta.safetensors" in files

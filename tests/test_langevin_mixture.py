@@ -86,7 +86,7 @@ def test_thread_setting_is_restored_and_validated():
         LangevinMixtureConfig(num_threads=-1)
 
 
-@pytest.mark.parametrize("sampler", ["mala", "myula-box", "mirror-orthant"])
+@pytest.mark.parametrize("sampler", ["mala", "preconditioned", "myula-box", "primal-dual-box", "mirror-orthant"])
 def test_every_langevin_sampler_improves_the_reward_in_the_single_loop(sampler):
     """The §5.1 single loop runs each sampler unchanged; the exact E_{π*(θ)}[R] (no sampling
     noise) must rise as clearly as with ULA (margin as in the first test). Snapshots are in the

@@ -57,7 +57,7 @@ class LangevinMixtureConfig:
     lr_schedule: Literal["constant", "inverse-sqrt"] = "constant"
     optimizer: Literal["sgd", "adam"] = "sgd"
     sampler_steps_per_update: int = 1  # S
-    sampler: Literal["ula", "mala", "myula-box", "mirror-orthant"] = "ula"  # see langevin_samplers.py
+    sampler: Literal["ula", "mala", "preconditioned", "myula-box", "primal-dual-box", "mirror-orthant"] = "ula"
     theta0: tuple[float, ...] = HEXAGON_THETA0
     reward: Literal["indicator", "smooth"] = "indicator"
     reward_weight: float = 1.0  # λ
@@ -158,7 +158,7 @@ class _Problem(NamedTuple):
 
 def _problem(config: LangevinMixtureConfig, dtype: torch.dtype) -> _Problem:
     potential = hexagon_mixture(config.theta0, dtype=dtype)
-    setup = sampler_setup(config.sampler, config.step_size)
+    setup = sampler_setup(config.sampler, config.step_size, theta0=config.theta0)
     reward_fn = REWARDS[config.reward]
     if not setup.shift:
         return _Problem(potential, potential, reward_fn, setup)
@@ -239,7 +239,9 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
         """Everything the loop needs to continue after ``done`` updates, bit for bit."""
         (t_r, m_r), (t_e, m_e) = rewards.state(), evals.state()
         t_o, m_o = optimizer_state(optimizer)
+        dual = getattr(setup.step, "dual", None)  # primal-dual Langevin's dual iterate
         tensors = {**{f"potential.{k}": v for k, v in potential.state_dict().items()}, "particles": x,
+                   **({"sampler.dual": dual} if dual is not None else {}),
                    **{f"generator.{b}": g.get_state() for b, g in zip(blocks, generators)},
                    **t_r, **t_e, **t_o, **acceptance.state()}
         return tensors, {"rewards": m_r, "evals": m_e, "optimizer": m_o, "acceptance_count": acceptance.count,
@@ -259,6 +261,8 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
         evals.load_state(tensors, saved["evals"])
         acceptance.load_state(tensors, saved["acceptance_count"])
         x = tensors["particles"].to(dtype)
+        if "sampler.dual" in tensors:
+            setup.step.dual = tensors["sampler.dual"]
     else:
         evals.record(0, x)
         x = x + shift
@@ -301,6 +305,9 @@ def _local_blocks(config: LangevinMixtureConfig) -> range:
     if world > 1 and config.compare:
         raise ConfigError("config key 'compare' runs the baselines in a single process; run it without torchrun")
     share = config.particle_blocks // world
+    if share > 1 and config.sampler == "primal-dual-box":
+        raise ConfigError("sampler 'primal-dual-box' keeps one dual iterate per particle batch: config key "
+                          f"'particle_blocks' must equal the number of processes ({world}), got {config.particle_blocks}")
     return range(r * share, (r + 1) * share)
 
 

@@ -6,8 +6,13 @@ it is set up on the hexagon target π*(θ) on ℝ²:
 
 - ``ula``: x' = x − γ∇V + √(2γ) z.
 - ``mala``: ULA proposal + Metropolis–Hastings accept/reject (exact invariant law).
+- ``preconditioned``: a fixed P = (mean Hessian of V(·, θ₀) at the six centres)⁻¹, eigenvalues
+  floored at 0.5 (:func:`~implicit_diffusion.samplers.inverse_hessian`); near the unit-variance
+  components P ≈ I, so this is close to ULA here: the option exists to show the plumbing on §5.1.
 - ``myula-box``: proximal Langevin with g the indicator of the box [−b, b]², b = ``box`` (10 by
   default: π*(θ) has mass < 1e-9 outside it, so the target is unchanged); λ = ``box_lam``.
+- ``primal-dual-box``: primal-dual Langevin for exp(−V(x) − g(Dx)) with D = I and g the same box
+  indicator, through prox_{σg*}(y) = soft-threshold(y, σb) (g* = b‖·‖₁), dual step σ = 1.
 - ``mirror-orthant``: mirror Langevin on the positive orthant with the entropic mirror map, run
   on the target translated by s = (``mirror_shift``, ``mirror_shift``) (10: mass outside
   the translated orthant < 1e-9); particles are mapped back by −s. In the dual coordinates
@@ -20,11 +25,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from ..samplers import mala_step, mirror_langevin, myula_box, ula_step
+import torch
+
+from ..models import hexagon_mixture
+from ..samplers import (
+    inverse_hessian,
+    mala_step,
+    mirror_langevin,
+    myula_box,
+    preconditioned_langevin,
+    prox_l1,
+    ula_step,
+)
+from ..samplers.primal_dual import dense_operator, primal_dual_langevin
 
 __all__ = ["LANGEVIN_SAMPLERS", "SamplerSetup", "sampler_setup"]
 
-LANGEVIN_SAMPLERS = ("ula", "mala", "myula-box", "mirror-orthant")
+LANGEVIN_SAMPLERS = ("ula", "mala", "preconditioned", "myula-box", "primal-dual-box", "mirror-orthant")
 
 
 class SamplerSetup(NamedTuple):
@@ -36,15 +53,23 @@ class SamplerSetup(NamedTuple):
     shift: float = 0.0
 
 
-def sampler_setup(name: str, step_size: float, *, box: float = 10.0, box_lam: float = 1.0,
+def sampler_setup(name: str, step_size: float, *, theta0=None, box: float = 10.0, box_lam: float = 1.0,
                   mirror_shift: float = 10.0) -> SamplerSetup:
-    """The step for ``name`` (one of :data:`LANGEVIN_SAMPLERS`) at the experiment's γ = ``step_size``."""
+    """The step for ``name`` (one of :data:`LANGEVIN_SAMPLERS`) at the experiment's γ = ``step_size``
+    (``theta0``: the mixture's initial logits, for the preconditioner)."""
     if name == "ula":
         return SamplerSetup(ula_step, step_size)
     if name == "mala":
         return SamplerSetup(mala_step, step_size)
+    if name == "preconditioned":
+        V0 = hexagon_mixture(*(() if theta0 is None else (theta0,)), dtype=torch.float64)
+        return SamplerSetup(preconditioned_langevin(inverse_hessian(V0, V0.means, min_eigenvalue=0.5)), step_size)
     if name == "myula-box":
         return SamplerSetup(myula_box(-box, box, box_lam), step_size)
+    if name == "primal-dual-box":
+        step = primal_dual_langevin(dense_operator(torch.eye(2)), dual_prox=lambda y, sigma: prox_l1(y, sigma, box),
+                                    dual_step=1.0)
+        return SamplerSetup(step, step_size)
     if name == "mirror-orthant":
         return SamplerSetup(mirror_langevin("orthant"), step_size / mirror_shift**2, mirror_shift)
     raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(LANGEVIN_SAMPLERS)}")
