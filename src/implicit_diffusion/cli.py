@@ -3,7 +3,7 @@
     implicit-diffusion run NAME [--config FILE.toml|.yaml] [--set key=value ...] [--seed N]
                                 [--out DIR] [--no-progress] [--data PATH] [--trust-pickle]
                                 [--reward NAME] [--sweep]
-                                [--checkpoint-every N]
+                                [--checkpoint-every N] [--diffusers-model DIR]
     implicit-diffusion pretrain DATASET [--data PATH] [--trust-pickle] [same options]
     implicit-diffusion resume RUN_DIR
     implicit-diffusion report RUN_DIR [RUN_DIR ...] [--out DIR]
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     _common_options(r)
     r.add_argument("--reward", help="reward name (same as --set reward=NAME)")
     r.add_argument("--sweep", action="store_true", help="sweep the experiment's trade-off (same as --set sweep=true)")
+    r.add_argument("--diffusers-model", metavar="DIR",
+                   help="a local diffusers UNet2DModel + scheduler directory (same as --set diffusers_model=DIR)")
     r.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="write a checkpoint every N updates (same as --set checkpoint_every=N; Ctrl-C always writes one)")
     c = sub.add_parser("resume", help="continue an interrupted run from its checkpoint")
@@ -84,7 +86,8 @@ def _run(args: argparse.Namespace) -> int:
     shorthands = {"progress": False if args.no_progress else None, "data": args.data,
                   "trust_pickle": True if args.trust_pickle else None, "reward": getattr(args, "reward", None),
                   "sweep": True if getattr(args, "sweep", False) else None,
-                  "checkpoint_every": getattr(args, "checkpoint_every", None)}
+                  "checkpoint_every": getattr(args, "checkpoint_every", None),
+                  "diffusers_model": getattr(args, "diffusers_model", None)}
     sources.append({k: v for k, v in shorthands.items() if v is not None})
     config = build_config(experiment.Config, *sources)
     sharded = distributed.init_from_env()  # under torchrun: join the process group

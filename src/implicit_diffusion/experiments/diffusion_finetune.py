@@ -47,6 +47,7 @@ DEFAULT_MODEL = {"brightness": "digits", "red": "photo-patches"}
 @dataclass(frozen=True)
 class Config:
     model: str = ""  # a model.safetensors from `pretrain`; "" = the shipped model for the reward
+    diffusers_model: str = ""  # or a local diffusers UNet2DModel + DDPM/DDIM scheduler directory
     reward: str = "brightness"
     data: str = ""  # pretrain on these images first (when no model is given)
     trust_pickle: bool = False
@@ -73,8 +74,9 @@ class Config:
             raise ConfigError(f"config key 'reward': unknown {self.reward!r}; allowed: {', '.join(IMAGE_REWARDS)}")
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"config key 'algorithm': unknown {self.algorithm!r}; allowed: {', '.join(ALGORITHMS)}")
-        if self.model and self.data:
-            raise ConfigError("give either model (a pretrained file) or data (images to pretrain on), not both")
+        if sum(bool(v) for v in (self.model, self.data, self.diffusers_model)) > 1:
+            raise ConfigError("give at most one of model (a pretrained file), diffusers_model (a diffusers "
+                              "directory) and data (images to pretrain on)")
         for name in ("pretrain_steps", "num_sampling_steps", "batch_size", "num_steps", "lr", "eval_every",
                      "eval_samples", "grid_images", "max_grad_norm"):
             if not getattr(self, name) > 0:
@@ -115,6 +117,7 @@ class Result:
     runs: list[RunRecord] = field(default_factory=list)
     model: torch.nn.Module | None = None  # architecture (weights: the last run's)
     shape: tuple[int, ...] = ()  # one sample's shape
+    diffusers: object | None = None  # the LoadedDiffusers a --diffusers-model run started from
 
     def final(self, r: RunRecord) -> Evaluation:
         return Evaluation(*(r.evals[k][-1] for k in ("reward", "reward_se", "kl", "kl_se")))
@@ -140,13 +143,18 @@ def _load_model(config: Config, metrics_sink):
     from ..models.io import load_score_model
     from ..pretrained import load_pretrained
 
+    if config.diffusers_model:
+        from ..models.diffusers_adapter import load_diffusers
+
+        loaded = load_diffusers(config.diffusers_model)
+        return loaded.model, loaded.schedule, loaded.shape, f"diffusers model {config.diffusers_model}", loaded
     if config.data:
         from . import pretrain
 
         pre = pretrain.run(pretrain.Config(dataset="images", data=config.data, trust_pickle=config.trust_pickle,
                                            num_steps=config.pretrain_steps, seed=config.seed,
                                            progress=config.progress), metrics_sink=metrics_sink)
-        return pre.model, pre.schedule, tuple(pre.data_sample.shape[1:]), f"pretrained here on {config.data}"
+        return pre.model, pre.schedule, tuple(pre.data_sample.shape[1:]), f"pretrained here on {config.data}", None
     if config.model:
         loaded, source = load_score_model(config.model), config.model
     else:
@@ -156,7 +164,7 @@ def _load_model(config: Config, metrics_sink):
     if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
         raise ConfigError(f"{source}: the file does not record its data shape (extra['data_shape']); "
                           f"save it with `implicit-diffusion pretrain`")
-    return loaded.model, loaded.schedule, tuple(shape), source
+    return loaded.model, loaded.schedule, tuple(shape), source, None
 
 
 def run(config: Config, *, metrics_sink=None) -> Result:
@@ -170,7 +178,7 @@ def run(config: Config, *, metrics_sink=None) -> Result:
 
 
 def _run(config: Config, sink) -> Result:
-    model, trained_schedule, shape, source = _load_model(config, sink)
+    model, trained_schedule, shape, source, diffusers = _load_model(config, sink)
     model.train(False)
     reward_fn = IMAGE_REWARDS[config.reward]
     if config.reward == "red" and shape[0] != 3:
@@ -181,7 +189,7 @@ def _run(config: Config, sink) -> Result:
     g = torch.Generator().manual_seed(config.seed + 1)
     base, _ = evaluate(model, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
                        kl=kl0, generator=g, prediction=model.prediction)
-    result = Result(config, source, schedule, base, model=model, shape=shape)
+    result = Result(config, source, schedule, base, model=model, shape=shape, diffusers=diffusers)
     weights = [r * config.kl_weight for r in config.sweep_ratios] if config.sweep else [config.reward_weight]
     for lam in weights:
         model.load_state_dict(initial)
@@ -266,13 +274,21 @@ def save(result: Result, run_dir) -> list[str]:
     for i, r in enumerate(result.runs):
         suffix = "" if len(result.runs) == 1 else f"-{i}"
         result.model.load_state_dict(r.state)
-        save_score_model(run_dir / f"finetuned{suffix}.safetensors", result.model, result.schedule,
-                         extra={"base": result.model_source, "data_shape": list(result.shape), "reward": reward, "reward_weight": r.reward_weight,
-                                "kl_weight": r.kl_weight, "algorithm": result.config.algorithm})
+        if result.diffusers is not None:  # back in diffusers' own format (save_pretrained, safetensors)
+            from ..models.diffusers_adapter import save_diffusers
+
+            save_diffusers(result.diffusers, result.model, result.config.diffusers_model, run_dir / f"diffusers{suffix}")
+            files.append(f"diffusers{suffix}/")
+        else:
+            save_score_model(run_dir / f"finetuned{suffix}.safetensors", result.model, result.schedule,
+                             extra={"base": result.model_source, "data_shape": list(result.shape), "reward": reward,
+                                    "reward_weight": r.reward_weight, "kl_weight": r.kl_weight,
+                                    "algorithm": result.config.algorithm})
+            files.append(f"finetuned{suffix}.safetensors")
         plot_image_grids(run_dir / f"samples{suffix}.png",
                          [(f"{'pretrained' if s == 0 else f'{s} updates'}", imgs) for s, imgs in r.grids],
                          title=f"{reward} finetuning, {r.label} (same noise in every panel)")
-        files += [f"finetuned{suffix}.safetensors", f"samples{suffix}.png"]
+        files.append(f"samples{suffix}.png")
     plot_finetune_curves(run_dir / "curves.png", {r.label: {k: np.asarray(v) for k, v in r.evals.items()}
                                                   for r in result.runs}, reward_name=reward)
     files.append("curves.png")
