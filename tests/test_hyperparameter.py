@@ -25,7 +25,7 @@ TINY = dict(num_updates=60, nested_updates=3, grid_points=41, progress=False)
 def test_tiny_config_runs_through_execute_and_writes_its_files(tmp_path, problem):
     cfg = HyperparameterConfig(problem=problem, nested_inner_tol=1e-4, **TINY)
     result, files = execute(hyperparameter, cfg, tmp_path / "run")
-    assert files == ["config.toml", "metrics.jsonl", "summary.json", "hyperparameter.png"]
+    assert files == ["run.json", "config.toml", "metrics.jsonl", "summary.json", "hyperparameter.png"]
     for f in files:
         assert (tmp_path / "run" / f).stat().st_size > 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -58,3 +58,76 @@ def test_boolean_indicator_reward_is_accepted():
     a = RewardEstimator(lambda x: x[:, 0] > 0)(V, x)
     b = RewardEstimator(lambda x: (x[:, 0] > 0).float())(V, x)
     assert torch.equal(a.weights[0], b.weights[0]) and torch.equal(a.stats["reward"], b.stats["reward"])
+
+
+def test_energy_in_another_dtype_is_named():
+    """θ in float64 with float32 particles: the energies come back float64."""
+    V = FunctionPotential(good_energy, torch.zeros(2, dtype=torch.float64))
+    algo = SingleLoop(V, RewardEstimator(lambda x: x[:, 0]), torch.optim.SGD(V.parameters(), lr=0.1), step_size=0.1)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"potential good_energy returned torch.float64 values for torch.float32 "
+                                         r"particles; expected torch.float32"):
+        algo.run(torch.randn(8, 2, generator=g), 1, generator=g)
+
+
+def test_non_finite_rewards_are_named_with_the_first_bad_particle():
+    def nan_at_3(x):
+        r = x[:, 0].clone()
+        r[3] = float("nan")
+        r[5] = float("inf")
+        return r
+
+    with pytest.raises(ValueError, match=r"reward_fn nan_at_3 returned non-finite values \(nan or inf\) for 2 of 8 "
+                                         r"particles, the first at index 3"):
+        run_one_step(good_energy, nan_at_3)
+
+
+def test_an_exception_inside_a_user_function_names_it_and_keeps_the_cause():
+    from implicit_diffusion.errors import UserFunctionError
+
+    def broken(x):
+        return x[:, 5]  # IndexError: only 2 columns
+
+    with pytest.raises(UserFunctionError, match=r"reward_fn broken raised IndexError: index 5 is out of bounds") as e:
+        run_one_step(good_energy, broken)
+    assert isinstance(e.value.__cause__, IndexError)
+
+    def broken_energy(x, theta):
+        raise RuntimeError("shapes do not match")
+
+    with pytest.raises(UserFunctionError, match="potential broken_energy raised RuntimeError: shapes do not match"):
+        run_one_step(broken_energy, lambda x: x[:, 0])
+
+
+def test_a_score_model_of_the_wrong_dtype_or_with_nans_or_raising_is_named():
+    from implicit_diffusion.errors import UserFunctionError
+    from implicit_diffusion.samplers import VPSchedule, euler_maruyama_step
+
+    sch = VPSchedule("ou", num_steps=4)
+    x = torch.zeros(3, 2)
+
+    def step(model):
+        return euler_maruyama_step(x, model, 0, schedule=sch, noise=torch.zeros(3, 2))
+
+    with pytest.raises(ValueError, match=r"model <lambda> \(x, t\) returned torch.float64, x is torch.float32"):
+        step(lambda x, t: x.double())
+    with pytest.raises(ValueError, match=r"returned non-finite values \(nan or inf\) for 3 of 3 samples"):
+        step(lambda x, t: x / 0.0)
+
+    def crashes(x, t):
+        raise ValueError("bad t")
+
+    with pytest.raises(UserFunctionError, match="model crashes raised ValueError: bad t"):
+        step(crashes)
+
+
+def test_mala_accepts_an_infinite_energy_at_a_proposal_and_rejects_it():
+    """+inf outside a domain is a hard constraint, not an error: such proposals are never accepted."""
+    from implicit_diffusion.samplers import mala_step
+
+    V = FunctionPotential(lambda x, th: torch.where(x[:, 0] > 0, (x**2).sum(-1) / 2, torch.inf), torch.zeros(1))
+    x = torch.full((500, 2), 0.5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x, _ = mala_step(x, V, step_size=0.3, generator=g)
+    assert (x[:, 0] > 0).all()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ImplicitDiffusionError", "ConfigError", "DataError", "RunDirError"]
+__all__ = ["ImplicitDiffusionError", "ConfigError", "DataError", "DivergenceError", "RunDirError", "UserFunctionError"]
 
 
 class ImplicitDiffusionError(Exception):
@@ -20,3 +20,11 @@ class RunDirError(ImplicitDiffusionError, OSError):
 class DataError(ImplicitDiffusionError, ValueError):
     """A data or model file that is absent, of an unknown format, malformed, or refused (pickles
     without an explicit opt-in)."""
+
+
+class UserFunctionError(ImplicitDiffusionError, RuntimeError):
+    """A user's potential, reward or model raised an exception (chained as ``__cause__``)."""
+
+
+class DivergenceError(ImplicitDiffusionError, FloatingPointError):
+    """Particles or parameters became non-finite: the step size (or learning rate) is too large."""

@@ -36,6 +36,7 @@ from ..objectives import KLToReference, RewardEstimator, hexagon_reward, hexagon
 from ..samplers import ula_step
 from ..samplers.blocks import block_generator, blockwise
 from .checkpointing import Checkpoints
+from .guards import DivergenceGuard
 from .hexagon_exact import MixtureKL, component_reward_expectations
 from .langevin_samplers import SamplerSetup, sampler_setup
 from .recording import EvalRecorder, ProgressBar, RewardRecorder
@@ -233,7 +234,10 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
     shift = setup.shift
     first = checkpoints.start if checkpoints else 0
     bar = ProgressBar(num_steps, f"single loop ({config.sampler})", enabled=config.progress, initial=first)
-    callbacks = [rewards, (lambda k, y, st: evals(k, y - shift, st)) if shift else evals, acceptance, bar]
+    guard = DivergenceGuard(potential.parameters(), f"a smaller step_size (now {config.step_size:g}) or lr "
+                                                     f"(now {config.lr:g})")
+    # the guard first: nothing non-finite is recorded, evaluated or checkpointed
+    callbacks = [guard, rewards, (lambda k, y, st: evals(k, y - shift, st)) if shift else evals, acceptance, bar]
 
     def state(done: int, x: torch.Tensor) -> tuple[dict, dict]:
         """Everything the loop needs to continue after ``done`` updates, bit for bit."""

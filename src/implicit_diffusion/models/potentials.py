@@ -22,7 +22,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .._checks import callable_name, check_values
+from .._checks import call_user, callable_name, check_values
 
 __all__ = [
     "Potential",
@@ -79,7 +79,10 @@ def autograd_energy_grad(energy_fn: Callable[[Tensor], Tensor], x: Tensor) -> Te
 
 
 def _energies(energy_fn, x: Tensor) -> Tensor:
-    return check_values(f"potential {callable_name(energy_fn)}", energy_fn(x), x)
+    name = f"potential {callable_name(energy_fn)}"
+    # +inf energies are allowed here (a hard constraint at a rejected MALA proposal); a non-finite
+    # gradient shows in the particles, and the estimators check the energies they use
+    return check_values(name, call_user(name, energy_fn, x), x, finite=False)
 
 
 class ModulePotential(Potential):

@@ -67,7 +67,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_values
+from .._checks import call_user, check_values
 
 __all__ = [
     "Trajectory",
@@ -489,7 +489,7 @@ def _name(reward_fn) -> str:
 
 
 def _differentiable_reward(reward_fn, x: Tensor) -> Tensor:
-    r = check_values(_name(reward_fn), reward_fn(x), x)
+    r = check_values(_name(reward_fn), call_user(_name(reward_fn), reward_fn, x), x)
     if not r.requires_grad:
         raise ValueError(
             f"{_name(reward_fn)} is not differentiable in x (its output has no autograd graph: computed "

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import callable_name, check_values
+from .._checks import call_user, callable_name, check_values
 
 __all__ = ["Surrogate", "Estimator", "SumEstimator"]
 
@@ -34,8 +34,9 @@ class Surrogate(NamedTuple):
 
     def loss(self, potential) -> Tensor:
         """Σⱼ wⱼ V(yⱼ, θ): its gradient w.r.t. θ is Γ. Points and weights are constants."""
+        name = f"potential {callable_name(potential)}"
         return sum(
-            (w.detach() * check_values(f"potential {callable_name(potential)}", potential(y.detach()), y)).sum()
+            (w.detach() * check_values(name, call_user(name, potential, y.detach()), y)).sum()
             for y, w in zip(self.points, self.weights)
         )
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._checks import callable_name, check_values
+from .._checks import call_user, callable_name, check_values
 from ..distributed import global_count, global_mean
 from .base import Estimator, Surrogate
 
@@ -36,10 +36,13 @@ class RewardEstimator(Estimator):
         self.reward_fn = reward_fn
         self.weight = float(weight)
         self._name = f"reward_fn {callable_name(reward_fn)}"
+        self._first = True
 
     def __call__(self, potential, x: Tensor) -> Surrogate:
         with torch.no_grad():
-            r = check_values(self._name, self.reward_fn(x), x)
+            # finiteness (a host sync) is checked on the first call; later NaNs show in θ
+            r = check_values(self._name, call_user(self._name, self.reward_fn, x), x, finite=self._first)
+            self._first = False
             if not r.is_floating_point():  # an indicator returned as bool or int
                 r = r.to(x.dtype)
             n = global_count(x.shape[0])  # over all processes when particles are sharded

@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .._checks import call_user, callable_name, check_output
 from .langevin import draw_noise
 from .schedules import Prediction, VPSchedule, _bcast, to_epsilon, to_score, to_x0
 
@@ -91,11 +92,9 @@ def _step_times(schedule: VPSchedule, m: int | Tensor, x: Tensor) -> tuple[Tenso
 
 def _predict(model: Model, x: Tensor, t: Tensor) -> Tensor:
     """model(x, t) with t as a contiguous ``(B,)`` tensor, its output's shape checked."""
-    pred = model(x, t if t.ndim else t.expand(x.shape[0]).contiguous())
-    if not isinstance(pred, Tensor) or pred.shape != x.shape:
-        shape = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
-        raise ValueError(f"model(x, t) must return a tensor of x's shape {tuple(x.shape)}, got {shape}")
-    return pred
+    name = f"model {callable_name(model)}"
+    pred = call_user(name, model, x, t if t.ndim else t.expand(x.shape[0]).contiguous())
+    return check_output(f"{name} (x, t)", pred, x)
 
 
 def euler_maruyama_step(

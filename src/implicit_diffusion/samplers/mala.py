@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import callable_name, check_values
+from .._checks import call_user, callable_name, check_values
 from .langevin import LangevinInfo, check_step_size, draw_noise, energy_grad
 
 __all__ = ["mala_step"]
@@ -78,7 +78,9 @@ def mala_step(
     g_x = energy_grad(potential, x)
     y = torch.add(x, g_x, alpha=-step_size).add_(z, alpha=math.sqrt(2.0 * step_size))
     g_y = energy_grad(potential, y)
-    v_x, v_y = check_values(name, potential(x), x), check_values(name, potential(y), y)
+    # +inf at a proposal is allowed (a hard constraint): such proposals are rejected below
+    v_x = check_values(name, call_user(name, potential, x), x, finite=False)
+    v_y = check_values(name, call_user(name, potential, y), y, finite=False)
     # log q(y|x) = −‖√(2γ)z‖²/(4γ) = −‖z‖²/2 exactly; using z avoids the cancellation in y − x.
     log_q_fwd = -0.5 * (z**2).sum(-1)
     log_q_bwd = -((x - y + step_size * g_y) ** 2).sum(-1) / (4.0 * step_size)

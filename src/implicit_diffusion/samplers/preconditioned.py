@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._checks import check_values
+from .._checks import call_user, callable_name, check_values
 from .langevin import LangevinInfo, check_step_size, draw_noise, energy_grad
 
 __all__ = ["inverse_hessian", "preconditioned_langevin"]
@@ -141,7 +141,8 @@ def inverse_hessian(potential, x: Tensor, *, min_eigenvalue: float = 1e-3) -> Te
         raise ValueError("x must be finite: it holds NaN or inf entries")
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
-        energies = check_values("potential", potential(xr), xr)
+        name = f"potential {callable_name(potential)}"
+        energies = check_values(name, call_user(name, potential, xr), xr)
         (g,) = torch.autograd.grad(energies.sum(), xr, create_graph=True)
         rows = []
         for j in range(x.shape[1]):  # row j of every ∇²V(xᵢ): ∂/∂xᵢ of (∇V(xᵢ))_j
