@@ -283,3 +283,28 @@ def test_a_failing_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert load_checkpoint(path)[1]["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]
+
+
+def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """The disk fills up at the second checkpoint write: the command fails with one line (exit 1),
+    the first checkpoint is intact and resumable."""
+    import implicit_diffusion.checkpoint as ck
+
+    calls = {"n": 0}
+    real = ck.save_tensors
+
+    def fills_up(path, tensors, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(ck, "save_tensors", fills_up)
+    out = tmp_path / "run"
+    rc = main(["run", "langevin-mixture", "--set", "num_particles=200", "--set", "num_steps=600",
+               "--checkpoint-every", "200", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("implicit-diffusion: error: No space left on device") and "Traceback" not in err
+    assert load_checkpoint(out / "checkpoint.safetensors")[1]["step"] == 200
+    monkeypatch.setattr(ck, "save_tensors", real)
+    assert main(["resume", str(out)]) == 0

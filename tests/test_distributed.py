@@ -32,38 +32,42 @@ GAMMA_SCRIPT = textwrap.dedent("""
     from implicit_diffusion.algorithms.base import apply_surrogate
     from implicit_diffusion.distributed import init_from_env, rank, world_size
     from implicit_diffusion.models import hexagon_mixture
-    from implicit_diffusion.objectives import RewardEstimator, hexagon_reward_smooth
+    from implicit_diffusion.objectives import KLToReference, RewardEstimator, hexagon_reward_smooth
 
     assert init_from_env() and world_size() == 2
     x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
     mine = x.chunk(2)[rank()]
     V = hexagon_mixture((0.5, -0.3, 1.0, 0.2, 0.0, -1.0), dtype=torch.float64)
-    est = RewardEstimator(hexagon_reward_smooth, weight=2.0)
+    kl = KLToReference(V, 0.5)
+    with torch.no_grad():
+        V.logits.add_(torch.linspace(-0.4, 0.6, 6, dtype=torch.float64))  # move θ away from θ₀
+    est = RewardEstimator(hexagon_reward_smooth, weight=2.0) + kl
     opt = torch.optim.SGD(V.parameters(), lr=0.0)   # lr 0: only the gradient is wanted
     surrogate = est(V, mine)
     apply_surrogate(V, surrogate, opt)
-    # the wrong way: every process its own covariance, gradients averaged
+    gamma = V.logits.grad.clone()
+    # the wrong way: every process its own covariances (local means and counts), Γs averaged
+    import implicit_diffusion.distributed as D
+    D.active = lambda: False
     V.logits.grad = None
-    r = hexagon_reward_smooth(mine)
-    w = 2.0 * (r - r.mean()) / (mine.shape[0] - 1)
-    V.accumulate_param_grad(mine, w)
+    est(V, mine).backward(V)
+    D.active = lambda: True
     wrong = V.logits.grad.clone()
     dist.all_reduce(wrong)
     wrong /= 2
-    apply_surrogate(V, est(V, mine), opt)
     if rank() == 0:
-        json.dump({"gamma": V.logits.grad.tolist(), "wrong": wrong.tolist(),
+        json.dump({"gamma": gamma.tolist(), "wrong": wrong.tolist(),
                    "reward": float(surrogate.stats["reward"])}, open(sys.argv[1], "w"))
     dist.destroy_process_group()
 """)
 
 
 def test_two_processes_give_the_gamma_of_one_process_holding_all_particles(tmp_path):
-    """Γ_R = Cov(R, ∇θV) needs the global mean reward and count: the all-reduced Γ of two
-    halves equals the one-process Γ to float64 rounding; averaging per-process covariances
-    (the control) does not."""
+    """Γ_R = Cov(R, ∇θV) and Γ_KL = Cov(V_θ − V_θ₀, ∇θV) need global means and counts: the
+    all-reduced Γ of two halves equals the one-process Γ to float64 rounding; averaging
+    per-process covariances (the control) does not."""
     from implicit_diffusion.models import hexagon_mixture
-    from implicit_diffusion.objectives import RewardEstimator, hexagon_reward_smooth
+    from implicit_diffusion.objectives import KLToReference, RewardEstimator, hexagon_reward_smooth
 
     (tmp_path / "gamma.py").write_text(GAMMA_SCRIPT)
     proc = torchrun(["gamma.py", str(tmp_path / "out.json")], tmp_path)
@@ -72,7 +76,10 @@ def test_two_processes_give_the_gamma_of_one_process_holding_all_particles(tmp_p
 
     x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
     V = hexagon_mixture((0.5, -0.3, 1.0, 0.2, 0.0, -1.0), dtype=torch.float64)
-    s = RewardEstimator(hexagon_reward_smooth, weight=2.0)(V, x)
+    kl = KLToReference(V, 0.5)
+    with torch.no_grad():
+        V.logits.add_(torch.linspace(-0.4, 0.6, 6, dtype=torch.float64))
+    s = (RewardEstimator(hexagon_reward_smooth, weight=2.0) + kl)(V, x)
     s.backward(V)
     expected = V.logits.grad
     torch.testing.assert_close(torch.tensor(got["gamma"], dtype=torch.float64), expected, rtol=1e-12, atol=1e-14)

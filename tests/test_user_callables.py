@@ -131,3 +131,9 @@ def test_mala_accepts_an_infinite_energy_at_a_proposal_and_rejects_it():
     for _ in range(20):
         x, _ = mala_step(x, V, step_size=0.3, generator=g)
     assert (x[:, 0] > 0).all()
+
+
+def test_a_tensor_on_another_device_is_named():
+    """The 'meta' device stands in for a GPU on a CPU-only machine."""
+    with pytest.raises(ValueError, match=r"reward_fn <lambda> returned a tensor on meta, particles are on cpu"):
+        run_one_step(good_energy, lambda x: torch.zeros(x.shape[0], device="meta"))

@@ -60,7 +60,9 @@ def _common_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--seed", type=int, help="random seed (same as --set seed=N)")
     r.add_argument("--out", metavar="DIR", help="output directory (default runs/NAME-TIMESTAMP; must be empty)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--data", metavar="PATH", help="images on disk: MNIST IDX/.npz, CIFAR-10 .npz or batches, a folder")
+    r.add_argument("--data", metavar="PATH|NAME",
+                   help="images on disk (MNIST IDX/.npz, CIFAR-10 .npz or batches, a folder); for ebm a built-in "
+                        "data set: moons, swiss-roll, rings, digits")
     r.add_argument("--trust-pickle", action="store_true",
                    help="allow reading pickled files (CIFAR-10 python batches) from a trusted source")
 
@@ -160,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImplicitDiffusionError as e:
         print(f"implicit-diffusion: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's fault (full disk, permissions): one line, no traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"implicit-diffusion: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         from .experiments.checkpointing import RunInterrupted
 

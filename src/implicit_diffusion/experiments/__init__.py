@@ -1,11 +1,12 @@
 """Experiments: each a frozen config dataclass and ``run(config) -> result``."""
 
-from . import diffusion_finetune, diffusion_gaussian_1d, hyperparameter, langevin_mixture, rates
+from . import diffusion_finetune, diffusion_gaussian_1d, ebm, hyperparameter, langevin_mixture, rates
 
 __all__ = [
     "EXPERIMENTS",
     "diffusion_finetune",
     "diffusion_gaussian_1d",
+    "ebm",
     "hyperparameter",
     "langevin_mixture",
     "rates",
@@ -16,6 +17,7 @@ EXPERIMENTS = {
     "langevin-mixture": langevin_mixture,
     "diffusion-gaussian-1d": diffusion_gaussian_1d,
     "diffusion-finetune": diffusion_finetune,
+    "ebm": ebm,
     "hyperparameter": hyperparameter,
     "rates": rates,
 }

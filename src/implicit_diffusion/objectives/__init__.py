@@ -16,17 +16,36 @@ from .adjoint import (
 from .base import Estimator, SumEstimator, Surrogate
 from .girsanov import DiscreteMeanKL, GirsanovKL
 from .image_rewards import IMAGE_REWARDS, brightness, redness
-from .kl import ContrastiveKL, KLToReference
+from .implicit import (
+    CGResult,
+    Linearization,
+    conjugate_gradient,
+    hessian_vector_product,
+    implicit_surrogate,
+    inner_gradient,
+    linearize,
+    outer_gradient,
+)
+from .kl import ContrastiveKL, KLToReference, MinibatchContrastiveKL
 from .reward import RewardEstimator
 from .rewards import hexagon_reward, hexagon_reward_smooth
 
 __all__ = [
+    "CGResult",
     "IMAGE_REWARDS",
+    "Linearization",
+    "conjugate_gradient",
+    "hessian_vector_product",
+    "implicit_surrogate",
+    "inner_gradient",
+    "linearize",
+    "outer_gradient",
     "ContrastiveKL",
     "DiscreteMeanKL",
     "Estimator",
     "GirsanovKL",
     "KLToReference",
+    "MinibatchContrastiveKL",
     "RewardEstimator",
     "SamplerGradInfo",
     "SumEstimator",

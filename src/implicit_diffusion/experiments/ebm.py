@@ -1,0 +1,368 @@
+"""Experiment ``ebm``: energy-based model training with Γ_ref (Marion et al. 2024, §3, F(p) = KL(p_data ‖ p)).
+
+An energy MLP V(x, θ) defines π*(θ) ∝ exp(−V(x, θ)); θ minimises KL(p_data ‖ π*(θ)) (maximum
+likelihood), whose gradient is Γ_ref(π*(θ), θ) = E_data[∇θV] − E_{π*(θ)}[∇θV]
+(:class:`~implicit_diffusion.objectives.MinibatchContrastiveKL`, with a data minibatch per update
+and the energy penalty α(E_data[V²] + E_p[V²]) applied identically to both methods). Adam on θ.
+
+- **single loop** (Implicit Diffusion, Algorithm 2): persistent particles; S ULA steps per θ update;
+  K updates, so K·S sampler steps.
+- **nested loop** (Algorithm 1, short-run chains): particles restarted from p₀ = N(0, σ₀²I) at every
+  update, T ULA steps each; K·S/T updates, so the same number of sampler steps × particles.
+
+Metrics every ``eval_every`` sampler steps: MMD² (RBF kernel, unbiased) between each method's own
+current particles and held-out data, and the mean energy of held-out data minus that of the
+particles. At the end: MMD² between fresh samples of each learned energy (``fresh_steps`` ULA steps
+from p₀, the same generator seed for both) and held-out data; for reference, MMD² between a
+training subsample and held-out data (the floor set by the sample size).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..algorithms import NestedLoop, SingleLoop
+from ..errors import ConfigError
+from ..metrics import mmd2
+from ..models import EnergyMLP
+from ..objectives import MinibatchContrastiveKL
+from ..samplers import ula_step
+from .recording import ProgressBar
+from .threads import torch_threads
+
+__all__ = ["EBMConfig", "EBMResult", "MethodResult", "run", "save", "table", "Config"]
+
+DATASETS = ("moons", "swiss-roll", "rings", "digits")
+# per data set: (ULA step size γ, initial std σ₀, MMD bandwidths, energy penalty α)
+_DEFAULTS = {
+    "moons": (0.01, 2.0, (0.1, 0.3, 1.0), 0.1),
+    "swiss-roll": (0.01, 2.0, (0.1, 0.3, 1.0), 0.1),
+    "rings": (0.01, 2.0, (0.1, 0.3, 1.0), 0.1),
+    # α = 0.1 held the 64-dim energies too flat to confine the particles (MMD² stayed at its start)
+    "digits": (0.01, 0.5, (1.0, 2.0, 4.0), 0.01),
+}
+
+
+@dataclass(frozen=True)
+class EBMConfig:
+    """Settings of the EBM experiment; entries set to 0 (or ``()``) take the data set's default (``_DEFAULTS``)."""
+
+    data: Literal["moons", "swiss-roll", "rings", "digits"] = "moons"
+    num_train: int = 4000  # 2-D only (digits: all but the held-out images)
+    num_heldout: int = 0  # 0: 1000 (2-D), 300 (digits; at most 797)
+    num_particles: int = 1000  # N, the same for both methods
+    batch_size: int = 1000  # data minibatch per θ update
+    num_steps: int = 3000  # K single-loop θ updates
+    sampler_steps_per_update: int = 1  # S
+    nested_inner_steps: int = 20  # T: nested updates = K·S // T
+    nested_budget_factor: int = 1  # the nested loop's sampler budget is this × the single loop's (1: equal)
+    step_size: float = 0.0  # γ of ULA; 0: the data set's default
+    init_std: float = 0.0  # σ₀ of p₀ = N(0, σ₀²I); 0: the data set's default
+    lr: float = 1e-3  # Adam
+    hidden: int = 128
+    depth: int = 2
+    energy_penalty: float = -1.0  # α in α(E_data[V²] + E_p[V²]); negative: the data set's default
+    eval_every: int = 100  # sampler steps between evaluations
+    fresh_steps: int = 1000  # ULA steps of the final fresh-sample chains
+    mmd_bandwidths: tuple[float, ...] = ()  # (): the data set's default
+    compare: bool = True  # also train the nested baseline
+    seed: int = 0
+    dtype: Literal["float32", "float64"] = "float32"
+    num_threads: int = 0  # 0: 1 thread for small batches (see experiments.threads)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.data not in DATASETS:
+            raise ConfigError(f"config key 'data' must be one of {', '.join(DATASETS)}, got {self.data!r}")
+        positive = ("num_train", "num_particles", "batch_size", "num_steps", "sampler_steps_per_update",
+                    "nested_inner_steps", "nested_budget_factor", "lr", "hidden", "depth", "eval_every", "fresh_steps")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
+        for name in ("step_size", "init_std", "num_heldout"):
+            v = getattr(self, name)
+            if not v >= 0:
+                raise ConfigError(f"config key {name!r} must be > 0 (or 0 for the data set's default), got {v!r}")
+        if any(not h > 0 for h in self.mmd_bandwidths):
+            raise ConfigError(f"config key 'mmd_bandwidths' must hold numbers > 0, got {self.mmd_bandwidths!r}")
+        if self.num_heldout == 1 or self.num_particles < 2:
+            raise ConfigError("config keys 'num_heldout' and 'num_particles' must be >= 2 "
+                              "(the unbiased MMD² needs pairs)")
+        if self.data == "digits" and self.num_heldout > 797:
+            raise ConfigError(f"config key 'num_heldout' must be <= 797 for digits (1,797 images), "
+                              f"got {self.num_heldout}")
+        if self.compare and self.num_steps * self.sampler_steps_per_update < self.nested_inner_steps:
+            raise ConfigError(
+                f"config key 'nested_inner_steps' ({self.nested_inner_steps}) exceeds the sampler budget "
+                f"num_steps·sampler_steps_per_update = {self.num_steps * self.sampler_steps_per_update}"
+            )
+        if self.num_threads < 0:
+            raise ConfigError(f"config key 'num_threads' must be >= 0 (0 = automatic), got {self.num_threads}")
+
+    @property
+    def heldout_size(self) -> int:
+        """``num_heldout`` with the data set's default filled in."""
+        return self.num_heldout or (300 if self.data == "digits" else 1000)
+
+    def resolved(self) -> tuple[float, float, tuple[float, ...], float]:
+        """(γ, σ₀, bandwidths, α) with the data set's defaults filled in."""
+        gamma, std, bw, alpha = _DEFAULTS[self.data]
+        return (self.step_size or gamma, self.init_std or std, self.mmd_bandwidths or bw,
+                alpha if self.energy_penalty < 0 else self.energy_penalty)
+
+
+@dataclass
+class MethodResult:
+    """One method's curves (against sampler steps) and final state."""
+
+    name: str
+    updates: int  # θ updates
+    sampler_steps: int  # sampler steps per particle
+    eval_steps: np.ndarray  # sampler steps at each evaluation
+    mmd_particles: np.ndarray  # MMD²(particles, held-out)
+    energy_gap: np.ndarray  # mean V(held-out) − mean V(particles)
+    mmd_fresh: float  # MMD²(fresh samples, held-out)
+    energy_gap_fresh: float
+    particles: np.ndarray  # final particles (N, dim)
+    fresh: np.ndarray  # fresh samples (N, dim)
+    state: dict[str, Tensor]  # final θ
+    wall_time: float  # seconds in training (evaluations excluded)
+    density: np.ndarray | None = None  # 2-D: exp(−V) normalised on the grid, (G, G)
+
+
+@dataclass
+class EBMResult:
+    config: EBMConfig
+    heldout: np.ndarray
+    initial: np.ndarray  # the single loop's initial particles, drawn from p₀ (N, dim)
+    mmd_data_floor: float  # MMD²(training subsample, held-out)
+    methods: dict[str, MethodResult] = field(default_factory=dict)
+    grid_extent: tuple[float, float, float, float] | None = None  # (x0, x1, y0, y1) of the densities
+
+    def summary(self) -> dict:
+        out: dict = {"data": self.config.data, "mmd_data_floor": self.mmd_data_floor}
+        for key, m in self.methods.items():
+            out[key] = {
+                "updates": m.updates, "sampler_steps": m.sampler_steps,
+                "mmd_particles_final": float(m.mmd_particles[-1]), "mmd_fresh": m.mmd_fresh,
+                "energy_gap_final": float(m.energy_gap[-1]), "energy_gap_fresh": m.energy_gap_fresh,
+                "wall_time_s": m.wall_time,
+            }
+        return out
+
+
+def _load_data(config: EBMConfig, generator: torch.Generator, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(train, held-out), each ``(n, dim)``: 2-D points, or digits flattened to 64 pixels in [−1, 1]."""
+    from ..data.builtin import load_digits_images, two_d_dataset
+
+    if config.data == "digits":
+        images = load_digits_images().reshape(-1, 64)
+        perm = torch.randperm(images.shape[0], generator=generator)
+        images = images[perm]
+        n = config.heldout_size
+        return images[n:].to(dtype), images[:n].to(dtype)
+    pts = two_d_dataset(config.data, config.num_train + config.heldout_size, generator=generator).to(dtype)
+    return pts[:config.num_train], pts[config.num_train:]
+
+
+def _make_energy(config: EBMConfig, dim: int, dtype: torch.dtype) -> EnergyMLP:
+    """The energy MLP with θ₀ drawn from a generator seeded by the config (the same θ₀ for both methods).
+
+    nn.Linear's default init draws from the global RNG; θ₀ is redrawn here with the same law
+    (U(±1/√fan_in)) from an explicit generator so a run depends only on ``config.seed``.
+    """
+    net = EnergyMLP(dim, hidden=config.hidden, depth=config.depth).to(dtype)
+    g = torch.Generator().manual_seed(config.seed + 2)
+    with torch.no_grad():
+        for layer in net.net:
+            if isinstance(layer, torch.nn.Linear):
+                bound = 1.0 / math.sqrt(layer.in_features)
+                for p in (layer.weight, layer.bias):
+                    p.copy_((torch.rand(p.shape, generator=g, dtype=dtype) * 2 - 1) * bound)
+    return net
+
+
+class _Evaluator:
+    """Callback: every ``every`` sampler steps, MMD²(particles, held-out) and the energy gap; times itself."""
+
+    def __init__(self, potential, heldout: Tensor, bandwidths, every: int, steps_per_update: int, total: int,
+                 sink: Callable[[list[dict]], None], method: str):
+        self.potential, self.heldout, self.bandwidths = potential, heldout, bandwidths
+        self.every, self.spu, self.total, self.sink, self.method = every, steps_per_update, total, sink, method
+        self.steps: list[int] = []
+        self.mmd: list[float] = []
+        self.gap: list[float] = []
+        self.seconds = 0.0
+
+    def __call__(self, k: int, x: Tensor, stats: dict) -> None:
+        done, before = (k + 1) * self.spu, k * self.spu
+        if done // self.every > before // self.every or k + 1 == self.total:
+            self.record(done, x)
+
+    def record(self, done: int, x: Tensor) -> None:
+        start = time.perf_counter()
+        with torch.no_grad():
+            m = float(mmd2(x, self.heldout, self.bandwidths))
+            gap = float(self.potential(self.heldout).mean() - self.potential(x).mean())
+        self.steps.append(done)
+        self.mmd.append(m)
+        self.gap.append(gap)
+        self.sink([{"method": self.method, "sampler_steps": done, "mmd2_particles": m, "energy_gap": gap}])
+        self.seconds += time.perf_counter() - start
+
+
+def run(config: EBMConfig, *, metrics_sink: Callable[[list[dict]], None] | None = None) -> EBMResult:
+    """Train with the single loop (and the nested baseline if ``config.compare``); evaluate both."""
+    dim = 64 if config.data == "digits" else 2
+    with torch_threads(config.num_threads, config.num_particles * dim):
+        return _run(config, metrics_sink or (lambda records: None))
+
+
+def _run(config: EBMConfig, sink) -> EBMResult:
+    dtype = getattr(torch, config.dtype)
+    _, init_std, bandwidths, _ = config.resolved()
+    train, heldout = _load_data(config, torch.Generator().manual_seed(config.seed), dtype)
+    dim = train.shape[1]
+    n_floor = min(train.shape[0], heldout.shape[0])
+    floor_idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(config.seed + 3))[:n_floor]
+
+    def init_fn(g: torch.Generator | None) -> Tensor:
+        return init_std * torch.randn(config.num_particles, dim, generator=g, dtype=dtype)
+
+    initial = init_fn(torch.Generator().manual_seed(config.seed))  # what the single loop starts from
+    result = EBMResult(config, heldout.double().numpy(), initial.double().numpy(),
+                       float(mmd2(train[floor_idx], heldout, bandwidths)))
+
+    budget = config.num_steps * config.sampler_steps_per_update
+    methods = [("single", config.num_steps)]
+    if config.compare:
+        methods.append(("nested", budget * config.nested_budget_factor // config.nested_inner_steps))
+    for key, updates in methods:
+        result.methods[key] = _train(config, key, updates, train, heldout, init_fn, sink)
+    if dim == 2:
+        _add_densities(result, train)
+    return result
+
+
+def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Tensor, init_fn, sink) -> MethodResult:
+    """Train one method (``key`` "single" or "nested") for ``updates`` θ updates from θ₀; evaluate it."""
+    gamma, _, bandwidths, alpha = config.resolved()
+    potential = _make_energy(config, train.shape[1], train.dtype)
+    batches = torch.Generator().manual_seed(config.seed + 1)  # the same minibatch stream for both methods
+    estimator = MinibatchContrastiveKL(train, config.batch_size, generator=batches, energy_penalty=alpha)
+    optimizer = torch.optim.Adam(potential.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    if key == "single":
+        algo = SingleLoop(potential, estimator, optimizer, step_size=gamma,
+                          sampler_steps_per_update=config.sampler_steps_per_update)
+        spu, x0 = config.sampler_steps_per_update, init_fn(generator)
+        label = f"single loop (S={spu})"
+    else:
+        algo = NestedLoop(potential, estimator, optimizer, init_fn=init_fn,
+                          num_inner_steps=config.nested_inner_steps, step_size=gamma)
+        spu, x0 = config.nested_inner_steps, None
+        label = f"nested (T={spu})"
+    evaluator = _Evaluator(potential, heldout, bandwidths, config.eval_every, spu, updates, sink, key)
+    if x0 is not None:
+        evaluator.record(0, x0)
+    bar = ProgressBar(updates, label, enabled=config.progress)
+    start = time.perf_counter()
+    with bar:
+        x = algo.run(x0, updates, generator=generator, callbacks=[evaluator, bar])
+    wall = time.perf_counter() - start - evaluator.seconds
+    fresh = _fresh_samples(potential, init_fn, gamma, config.fresh_steps, config.seed + 4)
+    with torch.no_grad():
+        mmd_fresh = float(mmd2(fresh, heldout, bandwidths))
+        gap_fresh = float(potential(heldout).mean() - potential(fresh).mean())
+    sink([{"method": key, "mmd2_fresh": mmd_fresh, "energy_gap_fresh": gap_fresh, "wall_time_s": wall}])
+    return MethodResult(
+        name=label, updates=updates, sampler_steps=updates * spu, eval_steps=np.array(evaluator.steps),
+        mmd_particles=np.array(evaluator.mmd), energy_gap=np.array(evaluator.gap), mmd_fresh=mmd_fresh,
+        energy_gap_fresh=gap_fresh, particles=x.double().numpy().copy(), fresh=fresh.double().numpy().copy(),
+        state={k: v.detach().clone() for k, v in potential.state_dict().items()}, wall_time=wall,
+    )
+
+
+def _fresh_samples(potential, init_fn, gamma: float, steps: int, seed: int) -> Tensor:
+    """``steps`` ULA steps on the learned energy from p₀, with a generator seeded identically for every method."""
+    g = torch.Generator().manual_seed(seed)
+    x = init_fn(g)
+    with torch.no_grad():
+        for _ in range(steps):
+            x, _ = ula_step(x, potential, step_size=gamma, generator=g)
+    return x
+
+
+def _add_densities(result: EBMResult, train: Tensor, size: int = 160) -> None:
+    """exp(−V) of each method on a grid around the data, normalised so that Σ p · cell area = 1."""
+    pts = train.double().numpy()
+    lo, hi = pts.min(0) - 1.0, pts.max(0) + 1.0
+    xs, ys = np.linspace(lo[0], hi[0], size), np.linspace(lo[1], hi[1], size)
+    grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+    cell = (xs[1] - xs[0]) * (ys[1] - ys[0])
+    result.grid_extent = (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]))
+    for m in result.methods.values():
+        net = EnergyMLP(2, hidden=result.config.hidden, depth=result.config.depth).double()
+        net.load_state_dict({k: v.double() for k, v in m.state.items()})
+        with torch.no_grad():
+            v = net(torch.from_numpy(grid)).numpy()
+        p = np.exp(-(v - v.min()))
+        m.density = (p / (p.sum() * cell)).reshape(size, size)
+
+
+Config = EBMConfig
+
+
+def save(result: EBMResult, run_dir) -> list[str]:
+    """Write each method's θ (safetensors), a summary (JSON) and the figures; return the file names."""
+    import json
+    from pathlib import Path
+
+    from .. import plotting_ebm
+    from ..runio import atomic_write_text, save_tensors
+
+    run_dir = Path(run_dir)
+    files = []
+    for key, m in result.methods.items():
+        save_tensors(run_dir / f"energy_{key}.safetensors", m.state, {"method": m.name})
+        files.append(f"energy_{key}.safetensors")
+    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    files.append("summary.json")
+    curves = {m.name: (m.eval_steps, m.mmd_particles) for m in result.methods.values()}
+    plotting_ebm.plot_mmd_curves(run_dir / "mmd.png", curves, floor=result.mmd_data_floor)
+    files.append("mmd.png")
+    if result.grid_extent is not None:
+        panels = {m.name: (m.density, m.particles) for m in result.methods.values()}
+        plotting_ebm.plot_densities(run_dir / "density.png", panels, result.heldout, result.grid_extent)
+        files.append("density.png")
+    else:
+        panels = {"held-out data": result.heldout}
+        for m in result.methods.values():
+            panels[f"{m.name}: particles"] = m.particles
+            panels[f"{m.name}: fresh samples"] = m.fresh
+        plotting_ebm.plot_image_grids(run_dir / "samples.png", panels)
+        files.append("samples.png")
+    return files
+
+
+def table(result: EBMResult) -> str:
+    """The terminal summary: one row per method."""
+    head = f"  {'method':<18} {'updates':>8} {'sampler steps':>13} {'MMD² particles':>15} {'MMD² fresh':>11} " \
+           f"{'energy gap':>11} {'wall s':>8}"
+    budget = "equal budget" if result.config.nested_budget_factor == 1 else \
+        f"nested budget {result.config.nested_budget_factor}× the single loop's"
+    rows = [f"  data {result.config.data}; N = {result.config.num_particles} particles for both methods "
+            f"({budget}: sampler steps × particles); MMD² floor (train vs held-out) {result.mmd_data_floor:.5f}",
+            head]
+    for m in result.methods.values():
+        rows.append(f"  {m.name:<18} {m.updates:>8} {m.sampler_steps:>13} {m.mmd_particles[-1]:>15.5f} "
+                    f"{m.mmd_fresh:>11.5f} {m.energy_gap[-1]:>11.3f} {m.wall_time:>8.1f}")
+    return "\n".join(rows)
