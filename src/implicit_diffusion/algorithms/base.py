@@ -11,7 +11,16 @@ from torch import Tensor
 from ..distributed import all_reduce_grads
 from ..objectives.base import Surrogate
 
-__all__ = ["Callback", "StepSize", "apply_surrogate", "clear_grads", "resolve_step_size", "run_steps", "with_acceptance"]
+__all__ = [
+    "NONFINITE",
+    "Callback",
+    "StepSize",
+    "apply_surrogate",
+    "clear_grads",
+    "resolve_step_size",
+    "run_steps",
+    "with_acceptance",
+]
 
 # callback(k, particles, stats) after θ update k; stats hold 0-d tensors (no host sync).
 Callback = Callable[[int, Tensor, dict], None]
@@ -37,15 +46,30 @@ def with_acceptance(stats: dict, info) -> dict:
     return stats if rate is None else {**stats, "acceptance_rate": rate}
 
 
-def apply_surrogate(potential, surrogate: Surrogate, optimizer: torch.optim.Optimizer, lr_scheduler=None) -> None:
-    """θ ← optimizer step with gradient Γ (the gradient of ``surrogate.loss``)."""
+NONFINITE = ("update", "skip")
+
+
+def apply_surrogate(potential, surrogate: Surrogate, optimizer: torch.optim.Optimizer, lr_scheduler=None,
+                    nonfinite: str = "update") -> bool:
+    """θ ← optimizer step with gradient Γ (the gradient of ``surrogate.loss``).
+
+    ``nonfinite="skip"`` rejects an update whose Γ has a NaN or inf entry (θ and the optimizer
+    state stay as they were; the learning-rate schedule still advances) and returns False;
+    the default applies every update (a non-finite θ is then caught by the experiments'
+    divergence guard). Returns whether θ was updated.
+    """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     clear_grads(params)
     surrogate.backward(potential)
     all_reduce_grads(params)  # sharded particles: sum the processes' shares of Γ (no-op otherwise)
-    optimizer.step()
+    applied = nonfinite == "update" or all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+    if applied:
+        optimizer.step()
+    else:
+        clear_grads(params)
     if lr_scheduler is not None:
         lr_scheduler.step()
+    return applied
 
 
 def run_steps(

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..samplers.langevin import ula_step
-from .base import Callback, StepSize, apply_surrogate, resolve_step_size, run_steps, with_acceptance
+from ..samplers.guard import reject_nonfinite
+from .base import NONFINITE, Callback, StepSize, apply_surrogate, resolve_step_size, run_steps, with_acceptance
 
 __all__ = ["NestedLoop"]
 
@@ -24,6 +25,7 @@ class NestedLoop:
         init_fn: ``init_fn(generator) -> (num_particles, dim)`` draws p₀ (used at every update
             unless ``warm_start``, and for the first one always).
         warm_start: keep the particles between updates instead of restarting them.
+        nonfinite: ``"update"`` or ``"skip"``, as in :class:`~implicit_diffusion.algorithms.SingleLoop`.
         Other arguments as in :class:`~implicit_diffusion.algorithms.SingleLoop`.
     """
 
@@ -39,16 +41,20 @@ class NestedLoop:
         sampler=ula_step,
         warm_start: bool = False,
         lr_scheduler=None,
+        nonfinite: str = "update",
     ):
         if num_inner_steps < 1:
             raise ValueError(f"num_inner_steps must be >= 1, got {num_inner_steps}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
         self.potential = potential
         self.estimator = estimator
         self.optimizer = optimizer
         self.init_fn = init_fn
         self.num_inner_steps = num_inner_steps
         self.step_size = step_size
-        self.sampler = sampler
+        self.nonfinite = nonfinite  # as in SingleLoop
+        self.sampler = reject_nonfinite(sampler) if nonfinite == "skip" else sampler
         self.warm_start = warm_start
         self.lr_scheduler = lr_scheduler
 
@@ -62,8 +68,11 @@ class NestedLoop:
             for _ in range(self.num_inner_steps):
                 x, info = self.sampler(x, self.potential, step_size=gamma, generator=generator)
             surrogate = self.estimator(self.potential, x)
-        apply_surrogate(self.potential, surrogate, self.optimizer, self.lr_scheduler)
-        return x, with_acceptance(surrogate.stats, info)
+        applied = apply_surrogate(self.potential, surrogate, self.optimizer, self.lr_scheduler, self.nonfinite)
+        stats = with_acceptance(surrogate.stats, info)
+        if self.nonfinite == "skip":
+            stats = {**stats, "update_skipped": torch.tensor(0.0 if applied else 1.0)}
+        return x, stats
 
     def run(
         self,

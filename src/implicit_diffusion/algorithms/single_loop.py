@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..samplers.langevin import ula_step
-from .base import Callback, StepSize, apply_surrogate, resolve_step_size, run_steps, with_acceptance
+from ..samplers.guard import reject_nonfinite
+from .base import NONFINITE, Callback, StepSize, apply_surrogate, resolve_step_size, run_steps, with_acceptance
 
 __all__ = ["SingleLoop"]
 
@@ -32,6 +33,9 @@ class SingleLoop:
         step_size: sampler step size γ (a float, or a function of k).
         sampler: a step with the shared Langevin signature (default ULA).
         lr_scheduler: optional ``torch.optim.lr_scheduler``, stepped after every θ update.
+        nonfinite: ``"update"`` (default: apply every step as computed) or ``"skip"``: a particle
+            whose move is non-finite stays put (:func:`~implicit_diffusion.samplers.guard.reject_nonfinite`,
+            count in ``algo.sampler.rejected``) and a θ update with a non-finite Γ is skipped.
 
     Example:
         >>> import torch
@@ -56,14 +60,20 @@ class SingleLoop:
         sampler=ula_step,
         sampler_steps_per_update: int = 1,
         lr_scheduler=None,
+        nonfinite: str = "update",
     ):
         if sampler_steps_per_update < 1:
             raise ValueError(f"sampler_steps_per_update must be >= 1, got {sampler_steps_per_update}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
         self.potential = potential
         self.estimator = estimator
         self.optimizer = optimizer
         self.step_size = step_size
-        self.sampler = sampler
+        # "skip": a particle's non-finite move is rejected (it stays put) and so is a θ update with
+        # a non-finite Γ; stats["update_skipped"] says which updates were skipped
+        self.nonfinite = nonfinite
+        self.sampler = reject_nonfinite(sampler) if nonfinite == "skip" else sampler
         self.sampler_steps_per_update = sampler_steps_per_update
         self.lr_scheduler = lr_scheduler
 
@@ -76,8 +86,11 @@ class SingleLoop:
             surrogate = self.estimator(self.potential, x)
             for _ in range(self.sampler_steps_per_update):
                 x, info = self.sampler(x, self.potential, step_size=gamma, generator=generator)
-        apply_surrogate(self.potential, surrogate, self.optimizer, self.lr_scheduler)
-        return x, with_acceptance(surrogate.stats, info)
+        applied = apply_surrogate(self.potential, surrogate, self.optimizer, self.lr_scheduler, self.nonfinite)
+        stats = with_acceptance(surrogate.stats, info)
+        if self.nonfinite == "skip":
+            stats = {**stats, "update_skipped": torch.tensor(0.0 if applied else 1.0)}
+        return x, stats
 
     def run(
         self,

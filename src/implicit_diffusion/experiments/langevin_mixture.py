@@ -74,6 +74,7 @@ class LangevinMixtureConfig:
     progress: bool = True
     checkpoint_every: int = 0  # θ updates between checkpoints (0: only on Ctrl-C)
     particle_blocks: int = 1  # B blocks with their own random streams; torchrun needs a multiple of its W
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # skip: reject non-finite particle moves and θ updates
 
     def __post_init__(self) -> None:
         positive = ("num_particles", "num_steps", "step_size", "lr", "sampler_steps_per_update", "eval_every")
@@ -220,6 +221,7 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
         sampler=setup.step if len(generators) == 1 else blockwise(setup.step),
         sampler_steps_per_update=config.sampler_steps_per_update,
         lr_scheduler=lr_scheduler,
+        nonfinite="skip" if config.on_nonfinite == "skip" else "update",
     )
 
     sink = metrics_sink or (lambda records: None)

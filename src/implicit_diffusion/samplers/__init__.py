@@ -5,7 +5,8 @@
   ``uniform=`` for its accept/reject draw; ``preconditioned_langevin(P)``,
   ``mirror_langevin(domain)`` and ``myula(prox, lam)`` return such a step;
   ``primal_dual_langevin(D, tv_weight)`` (:mod:`.primal_dual`) returns a step object that also
-  holds the dual iterate, with ``reset()``; ``inverse_hessian(V, x)`` gives a Laplace-type P)
+  holds the dual iterate, with ``reset()``; ``inverse_hessian(V, x)`` gives a Laplace-type P;
+  ``reject_nonfinite(step)`` (:mod:`.guard`) keeps particles whose move is non-finite in place)
 - diffusion (:mod:`.diffusion`, :mod:`.annealed`): ``step(x, model, m, *, schedule, generator=None,
   noise=None, prediction="score") -> x`` (``annealed_langevin_step`` with an ``AnnealedSchedule``:
   annealed Langevin / NCSN, a score model ``model(x, sigma)``)
@@ -21,6 +22,7 @@ from .diffusion import (
     probability_flow_heun_step,
     sample,
 )
+from .guard import reject_nonfinite
 from .langevin import LangevinInfo, draw_noise, energy_grad, ula_step
 from .mala import mala_step
 from .mirror import MIRROR_DOMAINS, mirror_langevin
@@ -69,6 +71,7 @@ __all__ = [
     "probability_flow_heun_step",
     "prox_box",
     "prox_l1",
+    "reject_nonfinite",
     "quadratic_dual_prox",
     "sample",
     "to_epsilon",
