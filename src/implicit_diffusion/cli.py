@@ -3,7 +3,7 @@
     implicit-diffusion run NAME [--config FILE.toml|.yaml] [--set key=value ...] [--seed N]
                                 [--out DIR] [--no-progress] [--data PATH] [--trust-pickle]
                                 [--reward NAME] [--sweep]
-                                [--checkpoint-every N] [--diffusers-model DIR]
+                                [--checkpoint-every N] [--diffusers-model DIR] [--tensorboard]
     implicit-diffusion pretrain DATASET [--data PATH] [--trust-pickle] [same options]
     implicit-diffusion resume RUN_DIR
     implicit-diffusion report RUN_DIR [RUN_DIR ...] [--out DIR]
@@ -60,6 +60,8 @@ def _common_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--seed", type=int, help="random seed (same as --set seed=N)")
     r.add_argument("--out", metavar="DIR", help="output directory (default runs/NAME-TIMESTAMP; must be empty)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--tensorboard", action="store_true",
+                   help="also write the metrics as TensorBoard scalars to OUT/tensorboard (optional dependency)")
     r.add_argument("--data", metavar="PATH|NAME",
                    help="images on disk (MNIST IDX/.npz, CIFAR-10 .npz or batches, a folder); for ebm a built-in "
                         "data set: moons, swiss-roll, rings, digits")
@@ -98,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("under torchrun, name the output directory with --out DIR (the same for all processes)")
         run_dir = args.out or default_run_dir(name)
         start = time.perf_counter()
-        result, files = execute(experiment, config, run_dir, name=name)
+        result, files = execute(experiment, config, run_dir, name=name, tensorboard=args.tensorboard)
         if distributed.is_main():
             _report(name, experiment, config, result, files, run_dir, start)
     finally:

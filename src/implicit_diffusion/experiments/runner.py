@@ -33,21 +33,25 @@ def supports_checkpoints(experiment: ModuleType) -> bool:
     return "checkpoints" in inspect.signature(experiment.run).parameters
 
 
-def execute(experiment: ModuleType, config, run_dir: str | Path, *, name: str | None = None):
+def execute(experiment: ModuleType, config, run_dir: str | Path, *, name: str | None = None,
+            tensorboard: bool = False):
     """``experiment.run`` with metrics streamed to ``metrics.jsonl``, then ``experiment.save``.
 
     Returns ``(result, files)``. The config is written before the run starts, so a crashed run
-    still says what it was. Experiments that support checkpoints write
+    still says what it was. ``tensorboard=True`` mirrors the metrics to ``RUN_DIR/tensorboard``
+    (:mod:`implicit_diffusion.tensorboard_sink`). Experiments that support checkpoints write
     ``checkpoint.safetensors`` every ``config.checkpoint_every`` updates and on Ctrl-C
     (``name`` is stored in it so that :func:`resume` finds the experiment again).
     """
     name = name or experiment.__name__.rsplit(".", 1)[-1]
+    if tensorboard:
+        from ..tensorboard_sink import TensorBoardSink  # noqa: F401 - fail early if it is not installed
     if distributed.active():
-        return _execute_sharded(experiment, config, run_dir, name)
+        return _execute_sharded(experiment, config, run_dir, name, tensorboard)
     run_dir = prepare_run_dir(run_dir)
     _write_run_info(run_dir, name)
     atomic_write_text(run_dir / "config.toml", config_to_toml(config))
-    return _run(experiment, config, run_dir, name, resumed=None)
+    return _run(experiment, config, run_dir, name, resumed=None, tensorboard=tensorboard)
 
 
 def _write_run_info(run_dir: Path, name: str) -> None:
@@ -62,7 +66,7 @@ def _write_run_info(run_dir: Path, name: str) -> None:
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
 
-def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: str):
+def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: str, tensorboard: bool):
     """Under torchrun: every process runs its shard; only rank 0 writes (no checkpoints yet).
     Rank 0 prepares the directory first and all processes agree before any collective call,
     so a bad ``--out`` stops them all instead of leaving the others waiting."""
@@ -78,8 +82,8 @@ def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: 
         raise error or RunDirError(f"rank 0 could not prepare the output directory {str(run_dir)!r}")
     if not distributed.is_main():
         return experiment.run(config), []
-    with MetricsWriter(Path(run_dir) / "metrics.jsonl") as metrics:
-        result = experiment.run(config, metrics_sink=metrics.write)
+    with MetricsWriter(Path(run_dir) / "metrics.jsonl") as metrics, _Sinks(metrics, run_dir, tensorboard) as sink:
+        result = experiment.run(config, metrics_sink=sink)
     return result, ["run.json", "config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]
 
 
@@ -112,18 +116,46 @@ def resume(run_dir: str | Path, experiments: dict[str, ModuleType]):
     with open(metrics, "r+b") as f:  # drop what was written after the checkpoint
         f.truncate(int(meta["metrics_offset"]))
         os.fsync(f.fileno())
-    result, files = _run(experiment, config, run_dir, name, resumed=(tensors, meta))
+    # a run that wrote TensorBoard events goes on writing them (steps after the checkpoint appear twice)
+    result, files = _run(experiment, config, run_dir, name, resumed=(tensors, meta),
+                         tensorboard=(run_dir / "tensorboard").is_dir())
     return name, config, result, files
 
 
-def _run(experiment: ModuleType, config, run_dir: Path, name: str, resumed):
-    with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
+class _Sinks:
+    """The metrics sink: the JSONL writer, and TensorBoard too when asked for."""
+
+    def __init__(self, metrics: MetricsWriter, run_dir: Path, tensorboard: bool):
+        self.metrics = metrics
+        self.tb = None
+        if tensorboard:
+            from ..tensorboard_sink import TensorBoardSink
+
+            self.tb = TensorBoardSink(Path(run_dir) / "tensorboard")
+
+    def __call__(self, records) -> None:
+        self.metrics.write(records)
+        if self.tb is not None:
+            self.tb(records)
+
+    def __enter__(self) -> _Sinks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _run(experiment: ModuleType, config, run_dir: Path, name: str, resumed, tensorboard: bool = False):
+    with MetricsWriter(run_dir / "metrics.jsonl") as metrics, _Sinks(metrics, run_dir, tensorboard) as sink:
         kwargs = {}
         if supports_checkpoints(experiment):
             kwargs["checkpoints"] = Checkpoints(run_dir, getattr(config, "checkpoint_every", 0), experiment=name,
                                                 config=config, metrics_position=metrics.tell, resumed=resumed)
-        result = experiment.run(config, metrics_sink=metrics.write, **kwargs)
+        result = experiment.run(config, metrics_sink=sink, **kwargs)
     files = ["run.json", "config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]
     if supports_checkpoints(experiment) and (run_dir / CHECKPOINT_FILE).exists():
         files.insert(3, CHECKPOINT_FILE)
+    if tensorboard:
+        files.insert(3, "tensorboard/")
     return result, files
