@@ -154,6 +154,8 @@ def _list() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``implicit-diffusion`` command; returns the exit code (0, 1: machine fault, 2: bad input,
+    130: interrupted)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":

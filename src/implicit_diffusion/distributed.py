@@ -40,10 +40,12 @@ def active() -> bool:
 
 
 def rank() -> int:
+    """This process's rank (0 when single-process)."""
     return dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
+    """The number of processes (1 when single-process)."""
     return dist.get_world_size() if active() else 1
 
 

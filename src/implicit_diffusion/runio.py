@@ -60,6 +60,7 @@ def _write_atomically(path: str | Path, write: Callable[[str], None]) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a flushed temporary file renamed over it."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

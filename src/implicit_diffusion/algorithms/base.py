@@ -29,6 +29,7 @@ StepSize = Union[float, Callable[[int], float]]
 
 
 def resolve_step_size(step_size: StepSize, k: int) -> float:
+    """γ for θ update k: the constant, or ``step_size(k)`` for a schedule."""
     return step_size(k) if callable(step_size) else step_size
 
 

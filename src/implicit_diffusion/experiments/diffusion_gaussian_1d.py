@@ -151,6 +151,7 @@ def _run(config: Config, metrics_sink) -> Result:
 
 
 def save(result: Result, run_dir) -> list[str]:
+    """Write theta.png and, last, summary.json; return the file names."""
     import json
     from pathlib import Path
 
@@ -158,13 +159,14 @@ def save(result: Result, run_dir) -> list[str]:
     from ..runio import atomic_write_text
 
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
     plot_theta_trajectories(run_dir / "theta.png", result.thetas, result.theta_star,
                             ylabel="θ_k", title="θ_k against the exact optimum θ* = θ_target / c")
-    return ["summary.json", "theta.png"]
+    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    return ["theta.png", "summary.json"]
 
 
 def table(result: Result) -> str:
+    """The terminal summary: θ's last-20% mean per algorithm against the exact optimum."""
     tail = max(1, result.config.num_steps // 5)
     rows = [("exact optimum θ* = θ_target / c", f"{result.theta_star:.4f}  (c = {result.gain:.4f})")]
     for name, th in result.thetas.items():
