@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from ..checkpoint import load_optimizer_state, optimizer_state
 from .base import Callback, run_steps
 
 __all__ = ["DiffusionAlgorithm"]
@@ -64,6 +65,20 @@ class DiffusionAlgorithm:
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
             self.optimizer.step()
+
+    def state(self, prefix: str = "algo") -> tuple[dict[str, Tensor], dict]:
+        """Checkpoint: θ (the model's parameters and buffers, ``{prefix}.model.*``) and the
+        optimizer's state (``{prefix}.optimizer.*``) as tensors, the rest as JSON. Subclasses add
+        what they carry between iterations. The caller keeps the generator's state."""
+        tensors = {f"{prefix}.model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        t_o, m_o = optimizer_state(self.optimizer, prefix=f"{prefix}.optimizer")
+        return {**tensors, **{k: v.clone() for k, v in t_o.items()}}, {"optimizer": m_o}
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str = "algo") -> None:
+        """Inverse of :meth:`state`: continue bit for bit from the saved iteration."""
+        head = f"{prefix}.model."
+        self.model.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)})
+        load_optimizer_state(self.optimizer, tensors, meta["optimizer"], prefix=f"{prefix}.optimizer")
 
     def step(self, k: int, *, generator: torch.Generator) -> dict:  # pragma: no cover - interface
         raise NotImplementedError

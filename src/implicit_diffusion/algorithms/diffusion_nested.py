@@ -22,7 +22,10 @@ __all__ = ["DiffusionNestedLoop"]
 class DiffusionNestedLoop(DiffusionAlgorithm):
     """Arguments as :class:`~.diffusion_base.DiffusionAlgorithm`, plus ``gradient``:
     ``"adjoint"`` (memory O(M) states, one step's graph at a time) or ``"autograd"`` (the whole
-    M-step graph alive at once)."""
+    M-step graph alive at once).
+
+    Nothing is carried from one update to the next: its checkpoint (:meth:`state`) is θ and the
+    optimizer's state."""
 
     def __init__(self, *args, gradient: Literal["adjoint", "autograd"] = "adjoint", **kwargs):
         if gradient not in ("adjoint", "autograd"):

@@ -64,6 +64,45 @@ class DiffusionQueue(DiffusionAlgorithm):
         self.flights: list[_Flight] = []  # flights[j] has undergone j steps, j < M
         self.adjoints: list[_Adjoint] = []
 
+    # -- checkpoints: the in-flight batches and the pending adjoints ---------------------------
+    def state(self, prefix: str = "algo") -> tuple[dict[str, Tensor], dict]:
+        """Checkpoint (between iterations): θ and the optimizer (as the base class), plus
+
+        - flight j: its states x_0..x_j stacked, ``{prefix}.flight.{j}.states`` ``(j + 1, batch, *event)``,
+          and its noises ξ_0..ξ_{j−1}, ``{prefix}.flight.{j}.noises`` ``(j, batch, *event)``;
+        - pending adjoint i (pipelined mode): a_{m+1}, ``{prefix}.adjoint.{i}.a``, and the part of
+          its batch's trajectory the rest of its sweep reads, x_0..x_m and ξ_0..ξ_m;
+
+        and in the JSON the number of each and every adjoint's m."""
+        tensors, meta = super().state(prefix)
+        for j, f in enumerate(self.flights):
+            tensors[f"{prefix}.flight.{j}.states"] = torch.stack(f.states)  # stack copies: no shared storage
+            if f.noises:
+                tensors[f"{prefix}.flight.{j}.noises"] = torch.stack(f.noises)
+        for i, j in enumerate(self.adjoints):
+            tensors[f"{prefix}.adjoint.{i}.a"] = j.a.detach().clone()
+            tensors[f"{prefix}.adjoint.{i}.states"] = torch.stack(j.flight.states[: j.m + 1])
+            tensors[f"{prefix}.adjoint.{i}.noises"] = torch.stack(j.flight.noises[: j.m + 1])
+        meta.update(adjoint=self.adjoint, flights=[len(f.noises) for f in self.flights],
+                    adjoint_steps=[j.m for j in self.adjoints])
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str = "algo") -> None:
+        """Inverse of :meth:`state`; the adjoint mode must be the saved one."""
+        if meta["adjoint"] != self.adjoint:
+            raise ValueError(f"the saved queue ran the {meta['adjoint']!r} adjoint; this one runs {self.adjoint!r}")
+        super().load_state(tensors, meta, prefix)
+
+        def flight(key: str, n_noises: int) -> _Flight:
+            f = _Flight(tensors[f"{key}.states"][0])
+            f.states = list(tensors[f"{key}.states"].unbind(0))
+            f.noises = list(tensors[f"{key}.noises"].unbind(0)) if n_noises else []
+            return f
+
+        self.flights = [flight(f"{prefix}.flight.{j}", n) for j, n in enumerate(meta["flights"])]
+        self.adjoints = [_Adjoint(flight(f"{prefix}.adjoint.{i}", m + 1), tensors[f"{prefix}.adjoint.{i}.a"], m)
+                         for i, m in enumerate(meta["adjoint_steps"])]
+
     # -- forward: advance every slot by one step in one batched call -------------------------
     def _advance(self, generator: torch.Generator) -> _Flight | None:
         """Insert a fresh batch, advance all slots; return the batch that completed M steps."""

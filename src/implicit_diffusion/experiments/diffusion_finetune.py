@@ -11,10 +11,17 @@ trained by the queue algorithm (algorithms.queue; pipelined adjoint by default) 
 loop. Rewards: ``brightness`` (mean pixel, default, on the shipped digits model) and ``red``
 (red minus the other channels, on the shipped colour-patch model). ``--sweep`` repeats the run
 for λ/β ∈ ``sweep_ratios`` and draws the reward-vs-KL trade-off.
+
+Checkpoints (``checkpoint_every``, Ctrl-C, ``implicit-diffusion resume``) hold the whole state
+of the run in progress — θ and Adam's moments, the generator, the queue's in-flight batches and
+pending adjoints, the rewards and evaluations so far — and, in a sweep, which run is in
+progress and the finished runs' results, so a resumed run ends bit for bit where an
+uninterrupted one would (on CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -30,6 +37,7 @@ from ..objectives.girsanov import GirsanovKL
 from ..objectives.image_rewards import IMAGE_REWARDS
 from ..samplers.diffusion import euler_maruyama_step
 from ..samplers.schedules import VPSchedule, to_score
+from .checkpointing import Checkpoints
 from .finetune_eval import Evaluation, evaluate, sample_images
 from .recording import ProgressBar
 
@@ -68,6 +76,7 @@ class Config:
     seed: int = 0
     num_threads: int = 0  # 0: torch's default
     progress: bool = True
+    checkpoint_every: int = 0  # iterations between checkpoints, counted in each run of a sweep (0: only on Ctrl-C)
 
     def __post_init__(self) -> None:
         if self.reward not in IMAGE_REWARDS:
@@ -92,6 +101,9 @@ class Config:
             raise ConfigError("--sweep varies λ/β: it needs kl_weight > 0")
         if self.num_threads < 0:
             raise ConfigError(f"config key 'num_threads' must be >= 0, got {self.num_threads}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), "
+                              f"got {self.checkpoint_every}")
 
 
 @dataclass
@@ -167,34 +179,92 @@ def _load_model(config: Config, metrics_sink):
     return loaded.model, loaded.schedule, tuple(shape), source, None
 
 
-def run(config: Config, *, metrics_sink=None) -> Result:
+def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = None) -> Result:
+    """Run the experiment; ``metrics_sink`` receives JSON-ready records as they come.
+
+    With ``checkpoints`` (see :mod:`.checkpointing`), each run writes a checkpoint every
+    ``config.checkpoint_every`` iterations and on Ctrl-C, or the sweep continues from a saved one.
+    """
     previous = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
-        return _run(config, metrics_sink or (lambda records: None))
+        return _run(config, metrics_sink or (lambda records: None), checkpoints)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(config: Config, sink) -> Result:
-    model, trained_schedule, shape, source, diffusers = _load_model(config, sink)
+def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
+    resumed = checkpoints.state if checkpoints is not None and checkpoints.resumed else None
+    # on resume, pretraining (--data) is redone from its seed; its records are already in the metrics
+    model, trained_schedule, shape, source, diffusers = _load_model(config, sink if resumed is None else
+                                                                    (lambda records: None))
     model.train(False)
     reward_fn = IMAGE_REWARDS[config.reward]
     if config.reward == "red" and shape[0] != 3:
         raise ConfigError(f"the red reward needs a colour (3-channel) model; {source} has {shape[0]} channel(s)")
     schedule = replace(trained_schedule, num_steps=config.num_sampling_steps)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    kl0 = path_kl_cost(model, schedule, 1.0)
-    g = torch.Generator().manual_seed(config.seed + 1)
-    base, _ = evaluate(model, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
-                       kl=kl0, generator=g, prediction=model.prediction)
+    if resumed is None:
+        kl0 = path_kl_cost(model, schedule, 1.0)
+        g = torch.Generator().manual_seed(config.seed + 1)
+        base, _ = evaluate(model, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
+                           kl=kl0, generator=g, prediction=model.prediction)
+    else:
+        base = Evaluation(*resumed[0]["base"].tolist())
     result = Result(config, source, schedule, base, model=model, shape=shape, diffusers=diffusers)
     weights = [r * config.kl_weight for r in config.sweep_ratios] if config.sweep else [config.reward_weight]
-    for lam in weights:
-        model.load_state_dict(initial)
-        result.runs.append(_finetune(config, model, schedule, shape, reward_fn, lam, sink))
+    first = 0
+    if resumed is not None:
+        tensors, meta = resumed
+        first = int(meta["run_index"])
+        result.runs = [_record_from_state(tensors, m, f"finished.{i}") for i, m in enumerate(meta["finished"])]
+
+    def sweep_state() -> tuple[dict[str, torch.Tensor], dict]:
+        """The sweep's part of a checkpoint: the base evaluation, the finished runs, the run in progress."""
+        tensors = {"base": torch.tensor(list(base), dtype=torch.float64)}
+        finished = []
+        for i, r in enumerate(result.runs):
+            t, m = _record_state(r, f"finished.{i}")
+            tensors.update(t)
+            finished.append(m)
+        return tensors, {"run_index": len(result.runs), "finished": finished}
+
+    interrupts = checkpoints.catch_interrupts() if checkpoints is not None else contextlib.nullcontext()
+    with interrupts:
+        for i, lam in enumerate(weights[first:], start=first):
+            model.load_state_dict(initial)  # θ₀ of the path KL, also for a resumed run (θ is loaded later)
+            result.runs.append(_finetune(config, model, schedule, shape, reward_fn, lam, sink, checkpoints=checkpoints,
+                                         sweep_state=sweep_state, resumed=resumed if i == first else None))
     return result
+
+
+def _record_state(r: RunRecord, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A run's record as tensors (rewards, evaluations, grids, weights) and JSON (the rest);
+    floats go in float64 tensors, so NaN (the queue's first iterations) and exact values survive."""
+    tensors = {f"{prefix}.train": torch.from_numpy(np.array(r.train_reward, dtype=np.float64)),
+               f"{prefix}.evals": torch.tensor([r.evals[k] for k in _EVAL_FLOATS], dtype=torch.float64)}
+    for j, (_, images) in enumerate(r.grids):
+        tensors[f"{prefix}.grid.{j}"] = images.clone()
+    for k, v in (r.state or {}).items():
+        tensors[f"{prefix}.weights.{k}"] = v.clone()
+    meta = {"label": r.label, "reward_weight": r.reward_weight, "kl_weight": r.kl_weight,
+            "eval_steps": list(r.evals["step"]), "grid_steps": [s for s, _ in r.grids], "wall_time": r.wall_time,
+            "weights": list(r.state or {})}
+    return tensors, meta
+
+
+def _record_from_state(tensors: dict[str, torch.Tensor], meta: dict, prefix: str) -> RunRecord:
+    """Inverse of :func:`_record_state`."""
+    values = tensors[f"{prefix}.evals"].reshape(len(_EVAL_FLOATS), -1).tolist()
+    evals = {"step": [int(s) for s in meta["eval_steps"]], **dict(zip(_EVAL_FLOATS, values))}
+    grids = [(int(s), tensors[f"{prefix}.grid.{j}"]) for j, s in enumerate(meta["grid_steps"])]
+    state = {k: tensors[f"{prefix}.weights.{k}"] for k in meta["weights"]}
+    return RunRecord(meta["label"], meta["reward_weight"], meta["kl_weight"], tensors[f"{prefix}.train"].numpy().copy(),
+                     evals, grids, state, meta["wall_time"])
+
+
+_EVAL_FLOATS = ("reward", "reward_se", "kl", "kl_se")
 
 
 def path_kl_cost(model, schedule, weight: float) -> GirsanovKL:
@@ -205,25 +275,29 @@ def path_kl_cost(model, schedule, weight: float) -> GirsanovKL:
                       to_score=lambda out, x, t: to_score(out, x, t, schedule, prediction))
 
 
-def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sink) -> RunRecord:
+def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sink, *,
+              checkpoints: Checkpoints | None = None, sweep_state=lambda: ({}, {}),
+              resumed: tuple[dict[str, torch.Tensor], dict] | None = None) -> RunRecord:
+    """One run (one λ). ``resumed``: a checkpoint taken during this run, to continue from;
+    ``sweep_state() -> (tensors, meta)``: the rest of the sweep, saved with each checkpoint."""
     beta = config.kl_weight
     label = f"λ/β = {lam / beta:g}" if beta > 0 else f"λ = {lam:g}, β = 0"
     cls, options = ALGORITHMS[config.algorithm]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    running_cost = path_kl_cost(model, schedule, beta) if beta > 0 else None
+    running_cost = path_kl_cost(model, schedule, beta) if beta > 0 else None  # θ₀: the weights now
     kl_eval = running_cost or path_kl_cost(model, schedule, 1.0)
     algo = cls(model, euler_maruyama_step, schedule, optimizer,
                init_fn=lambda gen: torch.randn((config.batch_size, *shape), generator=gen),
                reward_fn=reward_fn, reward_weight=lam, running_cost=running_cost, prediction=model.prediction,
                max_grad_norm=config.max_grad_norm, **options)
     generator = torch.Generator().manual_seed(config.seed)
-    train = np.full(config.num_steps, np.nan)
-    evals: dict[str, list[float]] = {k: [] for k in ("step", "reward", "reward_se", "kl", "kl_se")}
-    grids: list[tuple[int, torch.Tensor]] = []
+    rec = RunRecord(label, lam, beta, np.full(config.num_steps, np.nan),
+                    {k: [] for k in ("step", "reward", "reward_se", "kl", "kl_se")}, [], {}, 0.0)
+    train, evals, grids = rec.train_reward, rec.evals, rec.grids
     grid_at = {0, config.num_steps // 3, 2 * config.num_steps // 3, config.num_steps}
 
-    def checkpoint(done: int) -> None:
+    def evaluate_at(done: int) -> None:
         if done % config.eval_every == 0 or done == config.num_steps:
             ev, _ = evaluate(model, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
                              kl=kl_eval, generator=torch.Generator().manual_seed(config.seed + 1000 + done),
@@ -237,7 +311,7 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
                                    prediction=model.prediction)
             grids.append((done, states[-1]))
 
-    written = 0
+    written = recorded = 0  # per-step rewards handed to the sink / recorded
 
     def flush(upto: int) -> None:  # per-step rewards go out in blocks, so a crash keeps all but the last
         nonlocal written
@@ -246,30 +320,68 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
         written = upto
 
     def record(k: int, _x, stats: dict) -> None:
+        nonlocal recorded
         if "reward" in stats:
             train[k] = float(stats["reward"])
+        recorded = k + 1
         if (k + 1) % 100 == 0:
             flush(k + 1)
-        checkpoint(k + 1)
+        evaluate_at(k + 1)
 
-    checkpoint(0)
+    elapsed = 0.0  # wall time before a resume
+
+    def state(done: int, _x) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything this run needs to continue after ``done`` iterations, bit for bit, plus the
+        sweep's state. Per-step rewards not yet handed to the sink stay in the checkpoint (the
+        metrics file is cut back to its length now), so the blocks are those of a run without
+        checkpoints."""
+        t_a, m_a = algo.state("run.algo")
+        rec.wall_time = elapsed + time.perf_counter() - start
+        t_r, m_r = _record_state(rec, "run")
+        t_s, m_s = sweep_state()
+        tensors = {**t_s, **t_r, **t_a, "run.generator": generator.get_state()}
+        return tensors, {**m_s, "run": {**m_r, "algo": m_a, "written": written}}
+
+    first = 0
+    if resumed is not None:
+        tensors, meta = resumed
+        first = checkpoints.start
+        algo.load_state(tensors, meta["run"]["algo"], "run.algo")
+        generator.set_state(tensors["run.generator"])
+        saved = _record_from_state(tensors, meta["run"], "run")
+        train[:] = saved.train_reward
+        evals.update(saved.evals)
+        grids.extend(saved.grids)
+        elapsed = saved.wall_time
+        written, recorded = int(meta["run"]["written"]), first
+    else:
+        evaluate_at(0)
     start = time.perf_counter()
-    with ProgressBar(config.num_steps, f"finetune {label}", enabled=config.progress, chunk=10) as bar:
-        algo.run(config.num_steps, generator=generator, callbacks=[record, bar])
-    wall = time.perf_counter() - start
+    try:
+        with ProgressBar(config.num_steps, f"finetune {label}", enabled=config.progress, chunk=10,
+                         initial=first) as bar:
+            # the checkpoint last: it saves what the others recorded
+            callbacks = [record, bar, *([checkpoints.callback(state)] if checkpoints is not None else [])]
+            algo.run(config.num_steps - first, generator=generator, start=first, callbacks=callbacks)
+    except BaseException:  # a crashed or interrupted run still leaves every recorded step in the metrics
+        flush(recorded)
+        raise
+    wall = elapsed + time.perf_counter() - start
     flush(config.num_steps)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return RunRecord(label, lam, beta, train, evals, grids, state, wall)
+    rec.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rec.wall_time = wall
+    return rec
 
 
 def save(result: Result, run_dir) -> list[str]:
+    """Write the finetuned model(s), sample grids, curves (and the trade-off for a sweep), then,
+    last, summary.json; return the file names."""
     from ..models.io import save_score_model
     from ..plotting_diffusion import plot_finetune_curves, plot_image_grids, plot_tradeoff
     from ..runio import atomic_write_text
 
     run_dir = Path(run_dir)
-    files = ["summary.json"]
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    files = []
     reward = result.config.reward
     for i, r in enumerate(result.runs):
         suffix = "" if len(result.runs) == 1 else f"-{i}"
@@ -296,10 +408,13 @@ def save(result: Result, run_dir) -> list[str]:
         plot_tradeoff(run_dir / "tradeoff.png", {r.label: (lambda f: (f.kl, f.kl_se, f.reward, f.reward_se))(
             result.final(r)) for r in result.runs}, reward_name=reward, base_reward=result.base.reward)
         files.append("tradeoff.png")
-    return files
+    # last: a summary.json marks the run complete (``resume`` refuses to continue it)
+    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    return [*files, "summary.json"]
 
 
 def table(result: Result) -> str:
+    """The terminal summary: the pretrained reward, then each run's reward (rise in SE) and path KL."""
     b = result.base
     rows = [("model", result.model_source),
             (f"pretrained: mean {result.config.reward} (± SE)", f"{b.reward:.4f} ± {b.reward_se:.4f}")]
