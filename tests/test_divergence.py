@@ -49,3 +49,12 @@ def test_a_diverging_run_stops_at_once_and_keeps_its_last_finite_checkpoint(tmp_
     tensors, meta = load_checkpoint(out / "checkpoint.safetensors")
     assert meta["step"] == 5 * ((update - 1) // 5) and torch.isfinite(tensors["particles"]).all()
     assert not (out / "summary.json").exists()
+
+
+def test_rates_stops_on_divergence_with_a_one_line_error(tmp_path, capsys):
+    """A θ learning rate far too large for the quadratic reward makes θ blow up; the rates study
+    stops at the first non-finite θ instead of fitting slopes to NaN."""
+    rc = main(["run", "rates", "--set", "lr=1e6", "--set", "num_steps=200", "--set", "num_seeds=1",
+               "--no-progress", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "diverged at update" in err and "lr (now 1e+06)" in err and "Traceback" not in err

@@ -38,6 +38,7 @@ from ..algorithms import SingleLoop
 from ..errors import ConfigError
 from ..models import GaussianPotential
 from ..objectives import RewardEstimator
+from .guards import DivergenceGuard
 from .recording import ProgressBar
 from .threads import torch_threads
 
@@ -235,7 +236,10 @@ def run_single(config: Config, rule: str, seed: int, *, estimator=None, bar: Pro
 
     x = theta0 + math.sqrt(config.variance) * torch.randn(config.num_particles, len(config.target),
                                                           generator=generator, dtype=dtype)
-    algo.run(x, config.num_steps, generator=generator, callbacks=[record] + ([bar] if bar else []))
+    guard = DivergenceGuard(potential.parameters(), f"smaller step sizes (step_size now {config.step_size:g}, "
+                                                     f"constant_step {config.constant_step:g}, dt {config.dt:g}) "
+                                                     f"or lr (now {config.lr:g})")
+    algo.run(x, config.num_steps, generator=generator, callbacks=[guard, record] + ([bar] if bar else []))
     return thetas.double().numpy()
 
 
