@@ -58,3 +58,15 @@ def test_rates_stops_on_divergence_with_a_one_line_error(tmp_path, capsys):
                "--no-progress", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2 and "diverged at update" in err and "lr (now 1e+06)" in err and "Traceback" not in err
+
+
+def test_diffusion_finetune_stops_on_divergence_with_a_one_line_error(tmp_path, capsys):
+    """Adam at lr = 100 without clipping wrecks the U-Net within a few updates: the run stops with
+    a DivergenceError naming the iteration and the settings to lower, exit 2, no traceback."""
+    rc = main(["run", "diffusion-finetune", "--set", "num_steps=30", "--set", "num_sampling_steps=4",
+               "--set", "batch_size=2", "--set", "eval_every=30", "--set", "eval_samples=4", "--set", "grid_images=4",
+               "--set", "lr=100", "--set", "max_grad_norm=1e9", "--no-progress", "--out", str(tmp_path / "f")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "finetuning diverged at iteration" in err and "smaller lr (now 100)" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f" / "summary.json").exists()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import UserFunctionError
+from .errors import NonFiniteError, UserFunctionError
 
 __all__ = ["call_user", "callable_name", "check_output", "check_values"]
 
@@ -42,7 +42,7 @@ def _check_finite(name: str, values: Tensor, what: str) -> None:
         if bad.any():
             rows = bad.reshape(bad.shape[0], -1).any(1) if bad.ndim else bad.reshape(1)
             first = int(rows.nonzero()[0, 0]) if rows.any() else 0
-            raise ValueError(f"{name} returned non-finite values (nan or inf) for {int(rows.sum())} of "
+            raise NonFiniteError(f"{name} returned non-finite values (nan or inf) for {int(rows.sum())} of "
                              f"{rows.numel()} {what}, the first at index {first}")
 
 

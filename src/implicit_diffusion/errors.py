@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["ImplicitDiffusionError", "ConfigError", "DataError", "DivergenceError", "RunDirError", "UserFunctionError"]
+__all__ = [
+    "ImplicitDiffusionError",
+    "ConfigError",
+    "DataError",
+    "DivergenceError",
+    "NonFiniteError",
+    "RunDirError",
+    "UserFunctionError",
+]
 
 
 class ImplicitDiffusionError(Exception):
@@ -28,3 +36,7 @@ class UserFunctionError(ImplicitDiffusionError, RuntimeError):
 
 class DivergenceError(ImplicitDiffusionError, FloatingPointError):
     """Particles or parameters became non-finite: the step size (or learning rate) is too large."""
+
+
+class NonFiniteError(ImplicitDiffusionError, ValueError):
+    """A function (a user's reward, energy or score model) returned NaN or inf values."""

@@ -32,13 +32,14 @@ import torch
 
 from ..algorithms.diffusion_nested import DiffusionNestedLoop
 from ..algorithms.queue import DiffusionQueue
-from ..errors import ConfigError
+from ..errors import ConfigError, DivergenceError, NonFiniteError
 from ..objectives.girsanov import GirsanovKL
 from ..objectives.image_rewards import IMAGE_REWARDS
 from ..samplers.diffusion import euler_maruyama_step
 from ..samplers.schedules import VPSchedule, to_score
 from .checkpointing import Checkpoints
 from .finetune_eval import Evaluation, evaluate, sample_images
+from .guards import DivergenceGuard
 from .recording import ProgressBar
 
 __all__ = ["ALGORITHMS", "Config", "Result", "RunRecord", "path_kl_cost", "rise_in_se", "run", "save", "table"]
@@ -361,8 +362,13 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
         with ProgressBar(config.num_steps, f"finetune {label}", enabled=config.progress, chunk=10,
                          initial=first) as bar:
             # the checkpoint last: it saves what the others recorded
-            callbacks = [record, bar, *([checkpoints.callback(state)] if checkpoints is not None else [])]
-            algo.run(config.num_steps - first, generator=generator, start=first, callbacks=callbacks)
+            hint = f"a smaller lr (now {config.lr:g}) or max_grad_norm (now {config.max_grad_norm:g})"
+            guard = DivergenceGuard(params, hint)  # first: nothing non-finite is recorded or checkpointed
+            callbacks = [guard, record, bar, *([checkpoints.callback(state)] if checkpoints is not None else [])]
+            try:
+                algo.run(config.num_steps - first, generator=generator, start=first, callbacks=callbacks)
+            except NonFiniteError as e:  # the weights are finite but already produce inf/NaN samples
+                raise DivergenceError(f"the finetuning diverged at iteration {recorded + 1}: {e}. Try {hint}.") from e
     except BaseException:  # a crashed or interrupted run still leaves every recorded step in the metrics
         flush(recorded)
         raise

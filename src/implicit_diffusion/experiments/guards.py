@@ -22,7 +22,8 @@ __all__ = ["DivergenceGuard"]
 
 
 class DivergenceGuard:
-    """``callback(k, x, stats)``: raise DivergenceError if x or a parameter is non-finite.
+    """``callback(k, x, stats)``: raise DivergenceError if x (None: no particles to check) or a
+    parameter is non-finite.
 
     Args:
         params: θ (the optimizer's parameters).
@@ -33,13 +34,13 @@ class DivergenceGuard:
         self.params = list(params)
         self.hint = hint
 
-    def __call__(self, k: int, x: Tensor, stats: dict) -> None:
-        finite = torch.isfinite(x).all()
+    def __call__(self, k: int, x: Tensor | None, stats: dict) -> None:
+        finite = torch.isfinite(x).all() if x is not None else torch.ones((), dtype=torch.bool)
         for p in self.params:
             finite = finite & torch.isfinite(p).all()
         if not bool(finite):
             parts = []
-            if not bool(torch.isfinite(x).all()):
+            if x is not None and not bool(torch.isfinite(x).all()):
                 rows = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1)
                 parts.append(f"{int(rows.sum())} of {x.shape[0]} particles")
             if any(not bool(torch.isfinite(p).all()) for p in self.params):
