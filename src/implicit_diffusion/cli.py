@@ -39,8 +39,6 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--sweep", action="store_true", help="sweep the experiment's trade-off (same as --set sweep=true)")
     r.add_argument("--diffusers-model", metavar="DIR",
                    help="a local diffusers UNet2DModel + scheduler directory (same as --set diffusers_model=DIR)")
-    r.add_argument("--checkpoint-every", type=int, metavar="N",
-                   help="write a checkpoint every N updates (same as --set checkpoint_every=N; Ctrl-C always writes one)")
     c = sub.add_parser("resume", help="continue an interrupted run from its checkpoint")
     c.add_argument("run_dir", metavar="RUN_DIR", help="the run's output directory")
     rep = sub.add_parser("report", help="plot every metric of one or several runs, with a Markdown summary")
@@ -65,6 +63,8 @@ def _common_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--data", metavar="PATH|NAME",
                    help="images on disk (MNIST IDX/.npz, CIFAR-10 .npz or batches, a folder); for ebm a built-in "
                         "data set: moons, swiss-roll, rings, digits")
+    r.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="write a checkpoint every N updates (same as --set checkpoint_every=N; Ctrl-C always writes one)")
     r.add_argument("--trust-pickle", action="store_true",
                    help="allow reading pickled files (CIFAR-10 python batches) from a trusted source")
 
@@ -112,12 +112,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from .experiments import EXPERIMENTS
+    from .experiments import EXPERIMENTS, pretrain
     from .experiments.runner import resume
 
+    jobs = {**EXPERIMENTS, "pretrain": pretrain}
     start = time.perf_counter()
-    name, config, result, files = resume(args.run_dir, EXPERIMENTS)
-    _report(name, EXPERIMENTS[name], config, result, files, args.run_dir, start)
+    name, config, result, files = resume(args.run_dir, jobs)
+    _report(name, jobs[name], config, result, files, args.run_dir, start)
     return 0
 
 

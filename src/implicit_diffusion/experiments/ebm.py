@@ -15,10 +15,16 @@ current particles and held-out data, and the mean energy of held-out data minus 
 particles. At the end: MMD² between fresh samples of each learned energy (``fresh_steps`` ULA steps
 from p₀, the same generator seed for both) and held-out data; for reference, MMD² between a
 training subsample and held-out data (the floor set by the sample size).
+
+Checkpoints (``--checkpoint-every N`` θ updates, and Ctrl-C) record the method in progress with its
+state (θ, Adam, particles, the minibatch and sampler generators, the curves so far) and the finished
+method's results; ``implicit-diffusion resume RUN_DIR`` continues bit for bit. Non-finite particles or
+θ stop the run at once (:class:`~implicit_diffusion.errors.DivergenceError`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -30,11 +36,14 @@ import torch
 from torch import Tensor
 
 from ..algorithms import NestedLoop, SingleLoop
+from ..checkpoint import load_optimizer_state, optimizer_state
 from ..errors import ConfigError
 from ..metrics import mmd2
 from ..models import EnergyMLP
 from ..objectives import MinibatchContrastiveKL
 from ..samplers import ula_step
+from .checkpointing import Checkpoints
+from .guards import DivergenceGuard
 from .recording import ProgressBar
 from .threads import torch_threads
 
@@ -78,6 +87,7 @@ class EBMConfig:
     dtype: Literal["float32", "float64"] = "float32"
     num_threads: int = 0  # 0: 1 thread for small batches (see experiments.threads)
     progress: bool = True
+    checkpoint_every: int = 0  # θ updates between checkpoints, in each method's loop (0: only on Ctrl-C)
 
     def __post_init__(self) -> None:
         if self.data not in DATASETS:
@@ -106,6 +116,9 @@ class EBMConfig:
             )
         if self.num_threads < 0:
             raise ConfigError(f"config key 'num_threads' must be >= 0 (0 = automatic), got {self.num_threads}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), "
+                              f"got {self.checkpoint_every}")
 
     @property
     def heldout_size(self) -> int:
@@ -218,15 +231,31 @@ class _Evaluator:
         self.sink([{"method": self.method, "sampler_steps": done, "mmd2_particles": m, "energy_gap": gap}])
         self.seconds += time.perf_counter() - start
 
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        """The curves so far: float64 tensors (exact for Python floats, and an overflowed energy gap
+        of ±inf is allowed where JSON would refuse it), the step counts and the seconds as JSON."""
+        return ({"train.evaluator.mmd": torch.tensor(self.mmd, dtype=torch.float64),
+                 "train.evaluator.gap": torch.tensor(self.gap, dtype=torch.float64)},
+                {"steps": self.steps, "seconds": self.seconds})
 
-def run(config: EBMConfig, *, metrics_sink: Callable[[list[dict]], None] | None = None) -> EBMResult:
-    """Train with the single loop (and the nested baseline if ``config.compare``); evaluate both."""
+    def load_state(self, tensors: dict[str, Tensor], saved: dict) -> None:
+        self.steps, self.seconds = list(saved["steps"]), saved["seconds"]
+        self.mmd, self.gap = tensors["train.evaluator.mmd"].tolist(), tensors["train.evaluator.gap"].tolist()
+
+
+def run(config: EBMConfig, *, metrics_sink: Callable[[list[dict]], None] | None = None,
+        checkpoints: Checkpoints | None = None) -> EBMResult:
+    """Train with the single loop (and the nested baseline if ``config.compare``); evaluate both.
+
+    With ``checkpoints`` (see :mod:`.checkpointing`), each method's loop writes a checkpoint every
+    ``config.checkpoint_every`` θ updates and on Ctrl-C, or the run continues from a saved one.
+    """
     dim = 64 if config.data == "digits" else 2
     with torch_threads(config.num_threads, config.num_particles * dim):
-        return _run(config, metrics_sink or (lambda records: None))
+        return _run(config, metrics_sink or (lambda records: None), checkpoints)
 
 
-def _run(config: EBMConfig, sink) -> EBMResult:
+def _run(config: EBMConfig, sink, checkpoints: Checkpoints | None = None) -> EBMResult:
     dtype = getattr(torch, config.dtype)
     _, init_std, bandwidths, _ = config.resolved()
     train, heldout = _load_data(config, torch.Generator().manual_seed(config.seed), dtype)
@@ -245,15 +274,27 @@ def _run(config: EBMConfig, sink) -> EBMResult:
     methods = [("single", config.num_steps)]
     if config.compare:
         methods.append(("nested", budget * config.nested_budget_factor // config.nested_inner_steps))
+    resumed = checkpoints.state if checkpoints and checkpoints.resumed else None
     for key, updates in methods:
-        result.methods[key] = _train(config, key, updates, train, heldout, init_fn, sink)
+        if resumed and key in resumed[1]["finished"]:
+            result.methods[key] = _load_method(key, *resumed)
+            continue
+        resume_here = resumed if resumed and resumed[1]["method"] == key else None
+        result.methods[key] = _train(config, key, updates, train, heldout, init_fn, sink,
+                                     checkpoints=checkpoints, finished=result.methods, resumed=resume_here)
     if dim == 2:
         _add_densities(result, train)
     return result
 
 
-def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Tensor, init_fn, sink) -> MethodResult:
-    """Train one method (``key`` "single" or "nested") for ``updates`` θ updates from θ₀; evaluate it."""
+def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Tensor, init_fn, sink, *,
+           checkpoints: Checkpoints | None = None, finished: dict[str, MethodResult] | None = None,
+           resumed: tuple[dict[str, Tensor], dict] | None = None) -> MethodResult:
+    """Train one method (``key`` "single" or "nested") for ``updates`` θ updates from θ₀; evaluate it.
+
+    ``checkpoints``: add the checkpoint callback (its state also holds the ``finished`` methods' results);
+    ``resumed``: ``(tensors, meta)`` of a checkpoint taken during this method, to continue from.
+    """
     gamma, _, bandwidths, alpha = config.resolved()
     potential = _make_energy(config, train.shape[1], train.dtype)
     batches = torch.Generator().manual_seed(config.seed + 1)  # the same minibatch stream for both methods
@@ -271,13 +312,44 @@ def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Te
         spu, x0 = config.nested_inner_steps, None
         label = f"nested (T={spu})"
     evaluator = _Evaluator(potential, heldout, bandwidths, config.eval_every, spu, updates, sink, key)
-    if x0 is not None:
+    first, before = 0, 0.0  # θ updates done and training seconds before this process (resume)
+    if resumed is not None:
+        tensors, saved = resumed
+        potential.load_state_dict(_part(tensors, "train.potential."))
+        load_optimizer_state(optimizer, tensors, saved["optimizer"], "train.optimizer")
+        batches.set_state(tensors["train.generator.batches"])
+        generator.set_state(tensors["train.generator.sampler"])
+        evaluator.load_state(tensors, saved["evaluator"])
+        x0, first, before = tensors["train.particles"].to(train.dtype), checkpoints.start, saved["train_seconds"]
+    elif x0 is not None:
         evaluator.record(0, x0)
-    bar = ProgressBar(updates, label, enabled=config.progress)
+    eval_before = evaluator.seconds
     start = time.perf_counter()
-    with bar:
-        x = algo.run(x0, updates, generator=generator, callbacks=[evaluator, bar])
-    wall = time.perf_counter() - start - evaluator.seconds
+
+    def seconds() -> float:
+        """Training time so far, evaluations excluded."""
+        return before + time.perf_counter() - start - (evaluator.seconds - eval_before)
+
+    def state(done: int, x: Tensor) -> tuple[dict, dict]:
+        """Everything needed to continue after ``done`` updates of this method, bit for bit."""
+        (t_o, m_o), (t_e, m_e) = optimizer_state(optimizer, "train.optimizer"), evaluator.state()
+        tensors = {**{f"train.potential.{k}": v for k, v in potential.state_dict().items()}, **t_o, **t_e,
+                   "train.particles": x, "train.generator.batches": batches.get_state(),
+                   "train.generator.sampler": generator.get_state()}
+        meta = {"method": key, "optimizer": m_o, "evaluator": m_e, "train_seconds": seconds(), "finished": {}}
+        for name, m in (finished or {}).items():
+            t_m, meta["finished"][name] = _method_state(name, m)
+            tensors.update(t_m)
+        return tensors, meta
+
+    guard = DivergenceGuard(potential.parameters(), f"a smaller step_size (now {gamma:g}) or lr (now {config.lr:g})")
+    bar = ProgressBar(updates, label, enabled=config.progress, initial=first)
+    # the guard first: nothing non-finite is evaluated or checkpointed; the checkpoint last: it saves what was recorded
+    callbacks = [guard, evaluator, bar, *([checkpoints.callback(state)] if checkpoints else [])]
+    # Ctrl-C inside a loop: a checkpoint after the current update; elsewhere (fresh samples) it stops at once
+    with checkpoints.catch_interrupts() if checkpoints else contextlib.nullcontext(), bar:
+        x = algo.run(x0, updates - first, generator=generator, start=first, callbacks=callbacks)
+    wall = seconds()
     fresh = _fresh_samples(potential, init_fn, gamma, config.fresh_steps, config.seed + 4)
     with torch.no_grad():
         mmd_fresh = float(mmd2(fresh, heldout, bandwidths))
@@ -288,6 +360,37 @@ def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Te
         mmd_particles=np.array(evaluator.mmd), energy_gap=np.array(evaluator.gap), mmd_fresh=mmd_fresh,
         energy_gap_fresh=gap_fresh, particles=x.double().numpy().copy(), fresh=fresh.double().numpy().copy(),
         state={k: v.detach().clone() for k, v in potential.state_dict().items()}, wall_time=wall,
+    )
+
+
+def _part(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _method_state(key: str, m: MethodResult) -> tuple[dict[str, Tensor], dict]:
+    """A finished method's result as checkpoint tensors (``done.KEY.*``) and JSON."""
+    values = np.array([m.mmd_fresh, m.energy_gap_fresh])  # tensors: ±inf allowed, unlike JSON
+    tensors = {f"done.{key}.particles": torch.from_numpy(m.particles), f"done.{key}.fresh": torch.from_numpy(m.fresh),
+               f"done.{key}.mmd_particles": torch.from_numpy(m.mmd_particles.astype(np.float64)),
+               f"done.{key}.energy_gap": torch.from_numpy(m.energy_gap.astype(np.float64)),
+               f"done.{key}.fresh_values": torch.from_numpy(values),
+               **{f"done.{key}.state.{k}": v for k, v in m.state.items()}}
+    meta = {"name": m.name, "updates": m.updates, "sampler_steps": m.sampler_steps,
+            "eval_steps": [int(s) for s in m.eval_steps], "wall_time": m.wall_time}
+    return tensors, meta
+
+
+def _load_method(key: str, tensors: dict[str, Tensor], meta: dict) -> MethodResult:
+    """Inverse of :func:`_method_state`."""
+    saved = meta["finished"][key]
+    mmd_fresh, gap_fresh = tensors[f"done.{key}.fresh_values"].tolist()
+    return MethodResult(
+        name=saved["name"], updates=saved["updates"], sampler_steps=saved["sampler_steps"],
+        eval_steps=np.array(saved["eval_steps"]), mmd_particles=tensors[f"done.{key}.mmd_particles"].numpy().copy(),
+        energy_gap=tensors[f"done.{key}.energy_gap"].numpy().copy(), mmd_fresh=mmd_fresh,
+        energy_gap_fresh=gap_fresh, particles=tensors[f"done.{key}.particles"].numpy().copy(),
+        fresh=tensors[f"done.{key}.fresh"].numpy().copy(), state=_part(tensors, f"done.{key}.state."),
+        wall_time=saved["wall_time"],
     )
 
 
@@ -334,8 +437,7 @@ def save(result: EBMResult, run_dir) -> list[str]:
     for key, m in result.methods.items():
         save_tensors(run_dir / f"energy_{key}.safetensors", m.state, {"method": m.name})
         files.append(f"energy_{key}.safetensors")
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
-    files.append("summary.json")
+    files.append("summary.json")  # written last, below
     curves = {m.name: (m.eval_steps, m.mmd_particles) for m in result.methods.values()}
     plotting_ebm.plot_mmd_curves(run_dir / "mmd.png", curves, floor=result.mmd_data_floor)
     files.append("mmd.png")
@@ -350,6 +452,8 @@ def save(result: EBMResult, run_dir) -> list[str]:
             panels[f"{m.name}: fresh samples"] = m.fresh
         plotting_ebm.plot_image_grids(run_dir / "samples.png", panels)
         files.append("samples.png")
+    # last: a summary.json marks the run complete (``resume`` refuses to continue it)
+    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
     return files
 
 

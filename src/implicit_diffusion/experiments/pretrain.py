@@ -12,12 +12,18 @@ The loss is the multi-level DSM loss with λ(t) = σ(t)² on a VP schedule (trai
 saved weights are the EMA θ̄ (training/pretrain.py). Outputs: ``model.safetensors`` (loadable by
 :func:`~implicit_diffusion.models.io.load_score_model` and by ``run diffusion-finetune --set
 model=...``), the loss curve, samples of the EMA model next to data.
+
+Checkpoints (``--checkpoint-every N``, and Ctrl-C) hold θ, θ̄, Adam's state, the generator and
+the losses so far; ``implicit-diffusion resume RUN_DIR`` continues bit for bit. A non-finite θ
+stops the run at once (:class:`~implicit_diffusion.errors.DivergenceError`, suggesting a smaller lr).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +33,8 @@ import torch
 from ..data.builtin import TWO_D_DATASETS
 from ..errors import ConfigError
 from ..samplers.schedules import SCHEDULE_KINDS, VPSchedule
+from .checkpointing import Checkpoints
+from .guards import DivergenceGuard
 from .recording import ProgressBar
 
 __all__ = ["DATASETS", "Config", "Result", "run", "save", "table", "load_training_data", "build_model"]
@@ -58,6 +66,7 @@ class Config:
     seed: int = 0
     num_threads: int = 0  # 0: torch's default
     progress: bool = True
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only on Ctrl-C)
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -74,6 +83,9 @@ class Config:
                 raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"config key 'ema_decay' must be in [0, 1), got {self.ema_decay!r}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), "
+                              f"got {self.checkpoint_every}")
         if self.limit < 0 or self.num_threads < 0:
             raise ConfigError("config keys 'limit' and 'num_threads' must be >= 0")
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
@@ -131,9 +143,36 @@ class Result:
                 "data_shape": list(self.data_sample.shape[1:]), "wall_time_s": self.wall_time}
 
 
-def run(config: Config, *, metrics_sink=None) -> Result:
+class _LossLog:
+    """Callback ``(step, loss)``: loss records to the sink in blocks of 500 (and the last step);
+    ``flush`` sends a partial block (at a checkpoint, or when the run stops early)."""
+
+    def __init__(self, sink: Callable[[list[dict]], None], num_steps: int):
+        self.sink, self.num_steps = sink, num_steps
+        self.block: list[dict] = []
+
+    def __call__(self, k: int, loss: float) -> None:
+        self.block.append({"step": k, "loss": loss})
+        if len(self.block) == 500 or k == self.num_steps - 1:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.block:
+            self.sink(list(self.block))
+            self.block.clear()
+
+
+_NO_PARTICLES = torch.empty(0)  # the loop callbacks' x: pretraining has no particles
+
+
+def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = None) -> Result:
+    """Train, then sample from the EMA model; ``metrics_sink`` receives blocks of loss records.
+
+    With ``checkpoints`` (see :mod:`.checkpointing`), a checkpoint is written every
+    ``config.checkpoint_every`` steps and on Ctrl-C, or the run continues from a saved one.
+    """
     from ..samplers.diffusion import ddpm_step, sample
-    from ..training.pretrain import pretrain_score_model
+    from ..training.pretrain import DSMTrainer
 
     sink = metrics_sink or (lambda records: None)
     previous = torch.get_num_threads()
@@ -146,21 +185,34 @@ def run(config: Config, *, metrics_sink=None) -> Result:
         with torch.random.fork_rng(devices=[]):  # layer initialisation draws from the global RNG:
             torch.manual_seed(config.seed)  # seed it here, and leave the caller's state as it was
             model = build_model(config, data)
-        block: list[dict] = []
-
-        def log(k: int, loss: float) -> None:
-            block.append({"step": k, "loss": loss})
-            if len(block) == 500 or k == config.num_steps - 1:
-                sink(list(block))
-                block.clear()
-
+        trainer = DSMTrainer(model, data, schedule, num_steps=config.num_steps, generator=generator,
+                             batch_size=min(config.batch_size, data.shape[0]), lr=config.lr,
+                             ema_decay=config.ema_decay, max_grad_norm=config.max_grad_norm)
+        log = _LossLog(sink, config.num_steps)
+        first, before = 0, 0.0  # steps done and training seconds before this process (resume)
+        if checkpoints and checkpoints.resumed:
+            tensors, saved = checkpoints.state
+            first, before = trainer.load_state(tensors, saved["trainer"]), saved["wall_time"]
         start = time.perf_counter()
-        with ProgressBar(config.num_steps, f"pretrain {config.dataset}", enabled=config.progress) as bar:
-            info = pretrain_score_model(
-                model, data, schedule, num_steps=config.num_steps, generator=generator,
-                batch_size=min(config.batch_size, data.shape[0]), lr=config.lr, ema_decay=config.ema_decay,
-                max_grad_norm=config.max_grad_norm, callbacks=[log, lambda k, _l: bar(k, None, {})])
-        wall = time.perf_counter() - start
+
+        def state(done: int, x: torch.Tensor) -> tuple[dict, dict]:
+            log.flush()  # the metrics file then holds every step up to ``done``
+            tensors, meta = trainer.state(done)
+            return tensors, {"trainer": meta, "wall_time": before + time.perf_counter() - start}
+
+        guard = DivergenceGuard(model.parameters(), f"a smaller lr (now {config.lr:g})")
+        bar = ProgressBar(config.num_steps, f"pretrain {config.dataset}", enabled=config.progress, initial=first)
+        # the guard first: a non-finite θ is neither logged nor checkpointed
+        callbacks = [lambda k, _l: guard(k, _NO_PARTICLES, {}), log, lambda k, _l: bar(k, None, {})]
+        if checkpoints:
+            save_checkpoint = checkpoints.callback(state)
+            callbacks.append(lambda k, _l: save_checkpoint(k, _NO_PARTICLES, {}))  # last: it saves what was logged
+        try:
+            with checkpoints.catch_interrupts() if checkpoints else contextlib.nullcontext(), bar:
+                info = trainer.run(first, callbacks)
+        finally:  # a run stopped early still leaves every logged step in the metrics
+            log.flush()
+        wall = before + time.perf_counter() - start
         ema = info.ema_model.module.eval()
         n = min(config.num_samples, data.shape[0]) if data.ndim == 4 else 2_000
         with torch.no_grad():
@@ -176,7 +228,7 @@ def run(config: Config, *, metrics_sink=None) -> Result:
 def reproduce_command(config: Config) -> str:
     """The shell command that retrains this model (settings that differ from the defaults)."""
     changed = [f"--set {k}={_toml_value(v)}" for k, v in asdict(config).items()
-               if k not in ("dataset", "data", "progress") and v != getattr(Config, k, v)]
+               if k not in ("dataset", "data", "progress", "checkpoint_every") and v != getattr(Config, k, v)]
     data = f" --data {config.data}" if config.data else ""
     return " ".join(["implicit-diffusion pretrain", config.dataset + data, *changed])
 
@@ -190,6 +242,8 @@ def _toml_value(v) -> str:
 
 
 def save(result: Result, run_dir) -> list[str]:
+    """Write the EMA model, the loss curve, data-vs-samples figures and, last, summary.json;
+    return the file names."""
     from ..models.io import save_score_model
     from ..plotting_diffusion import plot_image_grids, plot_loss_curve, plot_points
     from ..runio import atomic_write_text
@@ -198,7 +252,6 @@ def save(result: Result, run_dir) -> list[str]:
     extra = {"dataset": result.config.dataset, "data_shape": list(result.data_sample.shape[1:]), "reproduce": reproduce_command(result.config),
              "num_steps": result.config.num_steps, "seed": result.config.seed}
     save_score_model(run_dir / "model.safetensors", result.model, result.schedule, extra=extra)
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
     plot_loss_curve(run_dir / "loss.png", result.losses)
     if result.samples.ndim == 4:
         plot_image_grids(run_dir / "samples.png", [("training data", result.data_sample),
@@ -206,10 +259,13 @@ def save(result: Result, run_dir) -> list[str]:
     else:
         plot_points(run_dir / "samples.png", [("training data", result.data_sample.numpy()),
                                               ("samples (EMA model)", result.samples.numpy())])
-    return ["model.safetensors", "summary.json", "loss.png", "samples.png"]
+    # last: a summary.json marks the run complete (``resume`` refuses to continue it)
+    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    return ["model.safetensors", "loss.png", "samples.png", "summary.json"]
 
 
 def table(result: Result) -> str:
+    """The terminal summary: data, model size, DSM loss first → last 10% of steps, training time."""
     s = result.summary()
     rows = [("data", f"{s['dataset']} {tuple(s['data_shape'])}"),
             ("parameters", f"{s['num_params']:,}"),
