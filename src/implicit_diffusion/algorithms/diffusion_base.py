@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..checkpoint import load_optimizer_state, optimizer_state
 from .base import Callback, run_steps
 
@@ -60,8 +61,19 @@ class DiffusionAlgorithm:
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def _update(self) -> None:
-        """Clip (if asked) and take the optimizer step, when some gradient has arrived."""
+        """Clip (if asked) and take the optimizer step, when some gradient has arrived.
+
+        With the batches sharded over processes (torchrun), each process's gradient is the mean
+        over its share; the mean of the W equal-sized shares' gradients is the whole batch's, so
+        the gradients are all-reduced and divided by W before clipping."""
         if any(p.grad is not None for p in self.params):
+            if distributed.active():
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                distributed.all_reduce_grads(self.params)
+                for p in self.params:
+                    p.grad.div_(distributed.world_size())
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
             self.optimizer.step()

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from .. import distributed
 from ..objectives.adjoint import adjoint_through_sampler, autograd_through_sampler
 from .base import clear_grads
 from .diffusion_base import DiffusionAlgorithm
@@ -42,4 +43,5 @@ class DiffusionNestedLoop(DiffusionAlgorithm):
                             weight=self.reward_weight, running_cost=self.running_cost, params=self.params,
                             prediction=self.prediction)
         self._update()
-        return {"reward": info.reward, "running_cost": info.running_cost}
+        # sharded batches (torchrun): the mean reward over all processes' equal shares
+        return {"reward": distributed.global_mean(info.reward.reshape(1)), "running_cost": info.running_cost}

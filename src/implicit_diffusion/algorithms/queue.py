@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..objectives.adjoint import adjoint_step, terminal_reward_gradient
 from .base import clear_grads
 from .diffusion_base import DiffusionAlgorithm
@@ -174,7 +175,8 @@ class DiffusionQueue(DiffusionAlgorithm):
         a = None
         if exited is not None:
             terminal = terminal_reward_gradient(self.reward_fn, exited.states[-1], self.reward_weight)
-            a, stats = terminal.grad, {"reward": terminal.reward}
+            # sharded batches: the mean reward over all processes' (equal) shares
+            a, stats = terminal.grad, {"reward": distributed.global_mean(terminal.reward.reshape(1))}
         if self.adjoint == "sequential":
             if exited is not None:
                 self._sequential_sweep(exited, a)

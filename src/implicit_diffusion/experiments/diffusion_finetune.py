@@ -32,9 +32,11 @@ import torch
 
 from ..algorithms.diffusion_nested import DiffusionNestedLoop
 from ..algorithms.queue import DiffusionQueue
+from ..distributed import rank, world_size
 from ..errors import ConfigError, DivergenceError, NonFiniteError
 from ..objectives.girsanov import GirsanovKL
 from ..objectives.image_rewards import IMAGE_REWARDS
+from ..samplers.blocks import block_generator
 from ..samplers.diffusion import euler_maruyama_step
 from ..samplers.schedules import VPSchedule, to_score
 from .checkpointing import Checkpoints
@@ -196,6 +198,10 @@ def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = 
 
 
 def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
+    if config.batch_size % world_size():
+        raise ConfigError(f"with {world_size()} processes, config key 'batch_size' must be a multiple of "
+                          f"{world_size()} (each process holds batch_size/{world_size()} of every batch), "
+                          f"got {config.batch_size}")
     resumed = checkpoints.state if checkpoints is not None and checkpoints.resumed else None
     # on resume, pretraining (--data) is redone from its seed; its records are already in the metrics
     model, trained_schedule, shape, source, diffusers = _load_model(config, sink if resumed is None else
@@ -289,10 +295,11 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
     running_cost = path_kl_cost(model, schedule, beta) if beta > 0 else None  # θ₀: the weights now
     kl_eval = running_cost or path_kl_cost(model, schedule, 1.0)
     algo = cls(model, euler_maruyama_step, schedule, optimizer,
-               init_fn=lambda gen: torch.randn((config.batch_size, *shape), generator=gen),
+               init_fn=lambda gen: torch.randn((config.batch_size // world_size(), *shape), generator=gen),
                reward_fn=reward_fn, reward_weight=lam, running_cost=running_cost, prediction=model.prediction,
                max_grad_norm=config.max_grad_norm, **options)
-    generator = torch.Generator().manual_seed(config.seed)
+    # under torchrun each process holds batch_size / W of every batch, with its own random stream
+    generator = block_generator(config.seed, rank(), world_size())
     rec = RunRecord(label, lam, beta, np.full(config.num_steps, np.nan),
                     {k: [] for k in ("step", "reward", "reward_se", "kl", "kl_se")}, [], {}, 0.0)
     train, evals, grids = rec.train_reward, rec.evals, rec.grids
