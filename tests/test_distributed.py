@@ -220,3 +220,11 @@ def test_diffusion_finetune_runs_sharded_and_only_rank_0_writes(tmp_path):
     assert (tmp_path / "sharded" / "summary.json").exists() and (tmp_path / "sharded" / "finetuned.safetensors").exists()
     bad = torchrun([*args[:-1], "--set", "batch_size=3", "--no-progress", "--out", "bad"], tmp_path)
     assert bad.returncode != 0 and bad.stderr.count("'batch_size' must be a multiple of 2") == 2
+
+
+def test_an_experiment_that_does_not_shard_is_refused_under_torchrun(tmp_path):
+    proc = torchrun(["-m", "implicit_diffusion", "run", "rates", "--set", "num_steps=10", "--no-progress",
+                     "--out", "r"], tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("experiment 'rates' does not shard its work over processes") == 2
+    assert not (tmp_path / "r").exists()

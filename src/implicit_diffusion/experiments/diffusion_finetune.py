@@ -53,6 +53,7 @@ ALGORITHMS = {
     "nested-autograd": (DiffusionNestedLoop, {"gradient": "autograd"}),
 }
 DEFAULT_MODEL = {"brightness": "digits", "red": "photo-patches"}
+SUPPORTS_SHARDING = True  # torchrun: particles / queue slots split over processes
 
 
 @dataclass(frozen=True)

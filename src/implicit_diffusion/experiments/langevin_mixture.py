@@ -45,6 +45,7 @@ from .threads import torch_threads
 __all__ = ["LangevinMixtureConfig", "LangevinMixtureResult", "run"]
 
 REWARDS = {"indicator": hexagon_reward, "smooth": hexagon_reward_smooth}
+SUPPORTS_SHARDING = True  # torchrun: particles / queue slots split over processes
 
 
 @dataclass(frozen=True)

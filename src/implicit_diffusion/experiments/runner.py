@@ -12,7 +12,7 @@ from types import ModuleType
 from .. import distributed
 from ..checkpoint import load_checkpoint
 from ..config import build_config, config_to_dict, config_to_toml, load_config_file
-from ..errors import RunDirError
+from ..errors import ConfigError, RunDirError
 from ..runio import MetricsWriter, atomic_write_text, prepare_run_dir
 from .checkpointing import CHECKPOINT_FILE, Checkpoints
 
@@ -69,7 +69,10 @@ def _write_run_info(run_dir: Path, name: str) -> None:
 def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: str, tensorboard: bool):
     """Under torchrun: every process runs its shard; only rank 0 writes (no checkpoints yet).
     Rank 0 prepares the directory first and all processes agree before any collective call,
-    so a bad ``--out`` stops them all instead of leaving the others waiting."""
+    so a bad ``--out`` stops them all instead of leaving the others waiting. Experiments that do
+    not split their work (no ``SUPPORTS_SHARDING = True``) are refused, on every process."""
+    if not getattr(experiment, "SUPPORTS_SHARDING", False):
+        raise ConfigError(f"experiment {name!r} does not shard its work over processes; run it without torchrun")
     error = None
     if distributed.is_main():
         try:
