@@ -32,7 +32,7 @@ import torch
 
 from ..algorithms.diffusion_nested import DiffusionNestedLoop
 from ..algorithms.queue import DiffusionQueue
-from ..distributed import rank, world_size
+from ..distributed import is_main, rank, world_size
 from ..errors import ConfigError, DivergenceError, NonFiniteError
 from ..objectives.girsanov import GirsanovKL
 from ..objectives.image_rewards import IMAGE_REWARDS
@@ -367,7 +367,7 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
         evaluate_at(0)
     start = time.perf_counter()
     try:
-        with ProgressBar(config.num_steps, f"finetune {label}", enabled=config.progress, chunk=10,
+        with ProgressBar(config.num_steps, f"finetune {label}", enabled=config.progress and is_main(), chunk=10,
                          initial=first) as bar:
             # the checkpoint last: it saves what the others recorded
             hint = f"a smaller lr (now {config.lr:g}) or max_grad_norm (now {config.max_grad_norm:g})"

@@ -22,7 +22,7 @@ import torch
 
 from ..algorithms import NestedLoop, SingleLoop, make_lr_scheduler
 from ..checkpoint import load_optimizer_state, optimizer_state
-from ..distributed import all_gather_rows, rank, world_size
+from ..distributed import all_gather_rows, is_main, rank, world_size
 from ..errors import ConfigError
 from ..models import (
     HEXAGON_THETA0,
@@ -236,7 +236,8 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
     acceptance = _AcceptanceMean()
     shift = setup.shift
     first = checkpoints.start if checkpoints else 0
-    bar = ProgressBar(num_steps, f"single loop ({config.sampler})", enabled=config.progress, initial=first)
+    bar = ProgressBar(num_steps, f"single loop ({config.sampler})", enabled=config.progress and is_main(),
+                      initial=first)
     guard = DivergenceGuard(potential.parameters(), f"a smaller step_size (now {config.step_size:g}) or lr "
                                                      f"(now {config.lr:g})")
     # the guard first: nothing non-finite is recorded, evaluated or checkpointed
