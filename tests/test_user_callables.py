@@ -137,3 +137,15 @@ def test_a_tensor_on_another_device_is_named():
     """The 'meta' device stands in for a GPU on a CPU-only machine."""
     with pytest.raises(ValueError, match=r"reward_fn <lambda> returned a tensor on meta, particles are on cpu"):
         run_one_step(good_energy, lambda x: torch.zeros(x.shape[0], device="meta"))
+
+
+def test_nan_energies_are_named_at_the_first_step():
+    """NaN is never a valid energy (+inf is, as a hard constraint): caught in the sampler's gradient."""
+    from implicit_diffusion.errors import NonFiniteError
+
+    def nan_energy(x, theta):
+        return ((x - theta) ** 2).sum(-1) * float("nan")
+
+    with pytest.raises(NonFiniteError, match=r"potential nan_energy returned non-finite values \(nan or -inf\) "
+                                             r"for 8 of 8 particles"):
+        run_one_step(nan_energy, lambda x: x[:, 0])

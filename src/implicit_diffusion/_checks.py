@@ -36,20 +36,22 @@ def call_user(name: str, fn: Callable, *args: Any) -> Any:
         raise UserFunctionError(f"{name} raised {type(e).__name__}: {e}") from e
 
 
-def _check_finite(name: str, values: Tensor, what: str) -> None:
+def _check_finite(name: str, values: Tensor, what: str, allow_posinf: bool = False) -> None:
     if values.is_floating_point() or values.is_complex():
-        bad = ~torch.isfinite(values)
+        bad = torch.isnan(values) | (values == -torch.inf) if allow_posinf else ~torch.isfinite(values)
         if bad.any():
             rows = bad.reshape(bad.shape[0], -1).any(1) if bad.ndim else bad.reshape(1)
             first = int(rows.nonzero()[0, 0]) if rows.any() else 0
-            raise NonFiniteError(f"{name} returned non-finite values (nan or inf) for {int(rows.sum())} of "
+            kind = "nan or -inf" if allow_posinf else "nan or inf"
+            raise NonFiniteError(f"{name} returned non-finite values ({kind}) for {int(rows.sum())} of "
                              f"{rows.numel()} {what}, the first at index {first}")
 
 
-def check_values(name: str, values, x: Tensor, *, finite: bool = True) -> Tensor:
+def check_values(name: str, values, x: Tensor, *, finite: bool | str = True) -> Tensor:
     """Require ``values`` of shape ``(num_particles,)`` on x's device, in x's dtype if floating
-    (bool or integer values, e.g. an indicator reward, are allowed), and finite unless
-    ``finite=False``; the error names the function."""
+    (bool or integer values, e.g. an indicator reward, are allowed), and finite (``finite=True``),
+    free of NaN and −inf (``finite="allow +inf"``: energies where +inf is a hard constraint) or
+    unchecked (``finite=False``); the error names the function."""
     if not isinstance(values, Tensor):
         raise TypeError(f"{name} must return a torch.Tensor of shape ({x.shape[0]},), got {type(values).__name__}")
     if values.shape != x.shape[:1]:
@@ -61,7 +63,7 @@ def check_values(name: str, values, x: Tensor, *, finite: bool = True) -> Tensor
     if values.is_floating_point() and values.dtype != x.dtype:
         raise ValueError(f"{name} returned {values.dtype} values for {x.dtype} particles; expected {x.dtype}")
     if finite:
-        _check_finite(name, values, "particles")
+        _check_finite(name, values, "particles", allow_posinf=finite == "allow +inf")
     return values
 
 

@@ -60,7 +60,10 @@ class Potential(nn.Module):
         This is ``backward()`` of the surrogate ``Σᵢ wᵢ V(yᵢ, θ)``.
         """
         with torch.enable_grad():
-            (weights.detach() * self(points.detach())).sum().backward()
+            points = points.detach()
+            name = f"potential {callable_name(self)}"
+            energies = check_values(name, call_user(name, self, points), points)  # finite at the particles
+            (weights.detach() * energies).sum().backward()
 
 
 def autograd_energy_grad(energy_fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -80,9 +83,8 @@ def autograd_energy_grad(energy_fn: Callable[[Tensor], Tensor], x: Tensor) -> Te
 
 def _energies(energy_fn, x: Tensor) -> Tensor:
     name = f"potential {callable_name(energy_fn)}"
-    # +inf energies are allowed here (a hard constraint at a rejected MALA proposal); a non-finite
-    # gradient shows in the particles, and the estimators check the energies they use
-    return check_values(name, call_user(name, energy_fn, x), x, finite=False)
+    # +inf energies are allowed here (a hard constraint at a rejected MALA proposal), NaN is not
+    return check_values(name, call_user(name, energy_fn, x), x, finite="allow +inf")
 
 
 class ModulePotential(Potential):
