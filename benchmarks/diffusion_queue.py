@@ -21,7 +21,8 @@ Each (contender, M) runs in its own process, so memory figures do not mix. Repor
   set (``/proc/self/status`` VmHWM, reset through ``/proc/self/clear_refs`` before the loop),
   on CUDA ``torch.cuda.max_memory_allocated``;
 - the reward reached within ``--budget`` seconds of training (evaluation time not counted): mean
-  brightness of 128 samples on fixed noise (the same for every contender) at the final θ, and the curve of it against wall time,
+  brightness of 128 samples on fixed noise (the same for every contender) at the final θ, and the
+  curve of it against wall time,
   at 1/32, 1/16, 1/8, 1/4, 1/2, 3/4 and all of the budget, from which the time the queue needs
   to reach the nested loop's final reward is read (linear interpolation).
 

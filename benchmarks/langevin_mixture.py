@@ -126,7 +126,8 @@ def main() -> None:
     fast, _ = time_loop(hexagon_mixture(), n0, args.steps)
     generic_pot = FunctionPotential(generic_energy, torch.tensor([1.5, 0, 1.5, 0, 1.5, 0]))
     slow, slow_reward = time_loop(generic_pot, n0, args.steps)
-    print(f"closed form {fast:.2f} s, autograd {slow:.2f} s (×{slow / fast:.1f}); autograd run's reward {slow_reward:.4f}")
+    print(f"closed form {fast:.2f} s, autograd {slow:.2f} s (×{slow / fast:.1f}); "
+          f"autograd run's reward {slow_reward:.4f}")
     results["generic"] = {"closed_form_s": fast, "autograd_s": slow, "autograd_reward_last500": slow_reward}
 
     print(f"\n## Single loop vs nested loop, {args.steps} sampler steps each ({n0} particles)")
@@ -152,7 +153,8 @@ def main() -> None:
         if args.authors_particles_cmd:
             for n in args.particles[1:]:
                 theirs[n] = external(args.authors_particles_cmd.format(n=n))
-        print(f"{'particles':>10} {'theirs s':>9} {'ours s':>8} {'ratio':>7} {'their p-steps/s':>16} {'ours p-steps/s':>15}")
+        print(f"{'particles':>10} {'theirs s':>9} {'ours s':>8} {'ratio':>7} {'their p-steps/s':>16} "
+              f"{'ours p-steps/s':>15}")
         results["authors"] = []
         for n, s in theirs.items():
             o = ours[n]["process_s"]

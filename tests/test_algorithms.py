@@ -23,8 +23,6 @@ from implicit_diffusion.objectives import Estimator, KLToReference, RewardEstima
 from implicit_diffusion.samplers import ula_step
 
 
-
-
 def clone_generator(g: torch.Generator) -> torch.Generator:
     c = torch.Generator()
     c.set_state(g.get_state())

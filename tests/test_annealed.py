@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
+from conftest import Z, assert_close64, f64, randn64
 
-from conftest import Z, assert_close64, f64, mean_within, randn64, var_within
 from implicit_diffusion.objectives.adjoint import adjoint_through_sampler, autograd_through_sampler
 from implicit_diffusion.samplers import AnnealedSchedule, annealed_langevin, annealed_langevin_step, sample
 

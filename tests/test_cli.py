@@ -32,7 +32,8 @@ def test_tiny_run_writes_everything(tmp_path, capsys):
 
 def test_compare_adds_the_baselines(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", "langevin-mixture", *TINY, "--set", "compare=true", "--set", "nested_inner_steps=[10]", "--out", str(out)]
+    args = ["run", "langevin-mixture", *TINY, "--set", "compare=true", "--set", "nested_inner_steps=[10]",
+            "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "nested T=10" in printed and "R_s" in printed

@@ -55,14 +55,16 @@ def test_the_adapter_calls_the_unet_at_the_discrete_timestep(pipeline_dir):
 
 
 def _digest(path):
-    return {p.relative_to(path): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {p.relative_to(path): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_finetune_a_local_diffusers_model_and_write_it_back(pipeline_dir, tmp_path):
     before = _digest(pipeline_dir)
     out = tmp_path / "run"
     args = ["run", "diffusion-finetune", "--diffusers-model", str(pipeline_dir), "--set", "num_steps=6",
-            "--set", "num_sampling_steps=3", "--set", "batch_size=2", "--set", "eval_every=6", "--set", "eval_samples=4",
+            "--set", "num_sampling_steps=3", "--set", "batch_size=2", "--set", "eval_every=6",
+            "--set", "eval_samples=4",
             "--set", "grid_images=4", "--set", "lr=1e-2", "--no-progress", "--out", str(out)]
     assert main(args) == 0
     assert _digest(pipeline_dir) == before  # the source is not touched

@@ -583,7 +583,8 @@ def test_step_errors(name):
         call(torch.tensor([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match=r"m must be an int or an integer tensor"):
         call("first")
-    with pytest.raises(ValueError, match=r"model <lambda> \(x, t\) must return a tensor of x's shape \(3, 2\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"model <lambda> \(x, t\) must return a tensor of x's shape "
+                                         r"\(3, 2\), got \(3,\)"):
         call(model=lambda x, t: x.sum(1))
     with pytest.raises(ValueError, match=r"unknown prediction 'v'; allowed: score, epsilon, x0"):
         call(prediction="v")

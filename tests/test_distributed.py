@@ -107,7 +107,8 @@ def test_a_two_process_run_matches_one_process_with_the_same_particle_blocks(tmp
     assert (theta["sharded"] - theta["one-block"]).abs().max() > 1e-3
     lines = (tmp_path / "sharded" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())
-    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    names = {d: sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("sharded", "one")}
+    assert names["sharded"] == names["one"]
 
 
 def test_a_bad_setting_stops_every_process_with_a_one_line_error(tmp_path):
@@ -133,7 +134,8 @@ def test_blocks_draw_the_same_numbers_however_they_are_grouped(step):
 
     V = GaussianPotential(torch.zeros(2, dtype=torch.float64))
     x = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    together, info = blockwise(step)(x, V, step_size=0.3, generator=(block_generator(5, 0, 2), block_generator(5, 1, 2)))
+    gens = (block_generator(5, 0, 2), block_generator(5, 1, 2))
+    together, info = blockwise(step)(x, V, step_size=0.3, generator=gens)
     apart = [step(xb, V, step_size=0.3, generator=block_generator(5, b, 2))[0] for b, xb in enumerate(x.chunk(2))]
     assert torch.equal(together, torch.cat(apart))
     assert (info.acceptance_rate is None) == (step is ula_step)
@@ -217,7 +219,8 @@ def test_diffusion_finetune_runs_sharded_and_only_rank_0_writes(tmp_path):
     proc = torchrun([*args, "--out", "sharded"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("diffusion-finetune (seed 0)") == 1
-    assert (tmp_path / "sharded" / "summary.json").exists() and (tmp_path / "sharded" / "finetuned.safetensors").exists()
+    out = tmp_path / "sharded"
+    assert (out / "summary.json").exists() and (out / "finetuned.safetensors").exists()
     bad = torchrun([*args[:-1], "--set", "batch_size=3", "--no-progress", "--out", "bad"], tmp_path)
     assert bad.returncode != 0 and bad.stderr.count("'batch_size' must be a multiple of 2") == 2
 

@@ -24,8 +24,6 @@ from implicit_diffusion.objectives import (
 )
 
 
-
-
 def first_coord_squared(x):
     return x[:, 0] ** 2
 
@@ -228,7 +226,8 @@ def test_reward_estimator_unbiased_gaussian(flip, generator):
 
     B = 400 batches of N = 1,000 exact draws; tolerance 5 standard errors of the batch mean, the SE
     estimated from the B i.i.d. batch values (≈ √((θ₁⁴ + 14θ₁² + 15)/(NB)) ≈ 0.008 for the first
-    coordinate); the 1/(N−1) covariance is unbiased. Negative control: Γ with a flipped sign is off by 4θ₁ = 3.2 ≈ 400 SE."""
+    coordinate); the 1/(N−1) covariance is unbiased. Negative control: Γ with a flipped sign is off by
+    4θ₁ = 3.2 ≈ 400 SE."""
     V = GaussianPotential(THETA, 1.0)
     est = RewardEstimator(first_coord_squared)
     gammas = batch_gammas(est, V, lambda: THETA + randn64(generator, 1000, 3), 400, flip)

@@ -9,12 +9,8 @@ import pytest
 import torch
 from conftest import Z, assert_close64, energy_mlp64, f64, mean_within, randn64, var_within
 
-from implicit_diffusion.models import EnergyMLP, GaussianMixture, GaussianPotential, as_potential, hexagon_mixture
+from implicit_diffusion.models import GaussianMixture, GaussianPotential, as_potential, hexagon_mixture
 from implicit_diffusion.samplers import LangevinInfo, energy_grad, ula_step
-
-
-
-
 
 
 def plain_quadratic(x):

@@ -107,8 +107,9 @@ def test_step_with_fixed_noise_is_dual_ula():
 
 def test_orthant_gamma_target_and_controls(generator):
     """Gamma(3, 2), n = 4 000 chains from the mean, γ = 0.01, T = 3 (W'' = 3 at the mode: e^{−9}).
-    Mean tol 5·0.866/√n + 0.01 = 0.078; var tol 5·0.75·√(4/n) + 0.03 = 0.149 (bias allowance 3γ). Controls: without the log-det term
-    the sampler targets Gamma(a − 1, b) (mean 1, var 0.5) — fails the check, matches its own law;
+    Mean tol 5·0.866/√n + 0.01 = 0.078; var tol 5·0.75·√(4/n) + 0.03 = 0.149 (bias allowance 3γ).
+    Controls: without the log-det term the sampler targets Gamma(a − 1, b) (mean 1, var 0.5) — fails
+    the check, matches its own law;
     plain ULA in the primal space leaves the orthant."""
     n, gamma, steps = 4_000, 0.01, 300
     x0 = torch.full((n, 1), A / B, dtype=torch.float64)

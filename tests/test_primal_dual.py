@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import Z, assert_close64, assert_single_loop_matches_hand_loop, f64, mean_within, randn64, var_within
+
 from implicit_diffusion.models import GaussianPotential
 from implicit_diffusion.objectives import RewardEstimator
 from implicit_diffusion.samplers import (
@@ -134,11 +134,11 @@ def stationary_cov(gamma, sigma, theta=1.0):
     e_y⁺ = c(e_y + σD((1 + θ)e⁺ − θe)), c = α/(α + σ). S = M S Mᵀ + B Bᵀ, solved as
     (I − M⊗M) vec S = vec(BBᵀ) in float64."""
     d, p = 3, 2
-    c, I = ALPHA / (ALPHA + sigma), torch.eye(3, dtype=torch.float64)
-    Mx = torch.cat([I - gamma * A_Q, -gamma * K_Q.T], 1)
-    Bx = math.sqrt(2 * gamma) * I
+    c, eye = ALPHA / (ALPHA + sigma), torch.eye(3, dtype=torch.float64)
+    Mx = torch.cat([eye - gamma * A_Q, -gamma * K_Q.T], 1)
+    Bx = math.sqrt(2 * gamma) * eye
     My = c * torch.cat([torch.zeros(p, d, dtype=torch.float64), torch.eye(p, dtype=torch.float64)], 1)
-    My = My + c * sigma * K_Q @ ((1 + theta) * Mx - theta * torch.cat([I, torch.zeros(d, p, dtype=torch.float64)], 1))
+    My = My + c * sigma * K_Q @ ((1 + theta) * Mx - theta * torch.cat([eye, torch.zeros(d, p, dtype=torch.float64)], 1))
     By = c * sigma * (1 + theta) * K_Q @ Bx
     M, B = torch.cat([Mx, My]), torch.cat([Bx, By])
     assert float(torch.linalg.eigvals(M).abs().max()) < 1

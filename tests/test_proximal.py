@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import Z, assert_close64, assert_single_loop_matches_hand_loop, f64, mean_within, randn64
+
 from implicit_diffusion.models import GaussianPotential
 from implicit_diffusion.objectives import RewardEstimator
 from implicit_diffusion.samplers.langevin import ula_step

@@ -6,7 +6,6 @@ output of the noiseless sampler from x₀ = 0 at θ = 1, and for R(x) = −(x �
 optimum of E[R] is θ* = θ_target / c exactly, for any discretisation.
 """
 
-import math
 
 import pytest
 import torch

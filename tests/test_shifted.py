@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import assert_close64, randn64
+
 from implicit_diffusion.models import ShiftedPotential, hexagon_mixture
 
 

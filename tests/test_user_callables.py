@@ -22,7 +22,8 @@ def run_one_step(energy, reward):
 
 
 def test_energy_of_wrong_shape_is_named():
-    with pytest.raises(ValueError, match=r"potential column_energy must return one value per particle, shape \(8,\); got shape \(8, 1\)"):
+    with pytest.raises(ValueError, match=r"potential column_energy must return one value per particle, "
+                                         r"shape \(8,\); got shape \(8, 1\)"):
         run_one_step(column_energy, lambda x: x[:, 0])
 
 

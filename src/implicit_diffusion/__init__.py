@@ -13,8 +13,8 @@ from .models import (
     GaussianMixture,
     GaussianPotential,
     Potential,
-    as_potential,
     ScoreMLP,
+    as_potential,
     hexagon_mixture,
 )
 from .objectives import (

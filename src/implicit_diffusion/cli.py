@@ -64,7 +64,8 @@ def _common_options(r: argparse.ArgumentParser) -> None:
                    help="images on disk (MNIST IDX/.npz, CIFAR-10 .npz or batches, a folder); for ebm a built-in "
                         "data set: moons, swiss-roll, rings, digits")
     r.add_argument("--checkpoint-every", type=int, metavar="N",
-                   help="write a checkpoint every N updates (same as --set checkpoint_every=N; Ctrl-C always writes one)")
+                   help="write a checkpoint every N updates (same as --set checkpoint_every=N; "
+                        "Ctrl-C always writes one)")
     r.add_argument("--trust-pickle", action="store_true",
                    help="allow reading pickled files (CIFAR-10 python batches) from a trusted source")
 

@@ -186,7 +186,8 @@ def _markdown(runs: list[RunData], names: list[str], metric_files: list[str], ou
 
     title = names[0] if len(runs) == 1 else f"{len(runs)} runs"
     parts = [f"# Report: {title}", ""]
-    parts.append(_table(["run", "experiment", "directory"], [[n, r.experiment, str(r.path)] for n, r in zip(names, runs)]))
+    parts.append(_table(["run", "experiment", "directory"],
+                        [[n, r.experiment, str(r.path)] for n, r in zip(names, runs)]))
     keys = sorted({k for r in runs for k in r.config})
     if len(runs) > 1:
         keys = [k for k in keys if len({json.dumps(r.config.get(k)) for r in runs}) > 1]

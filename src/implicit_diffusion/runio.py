@@ -70,7 +70,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _write_atomically(path, write)
 
 
-def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> None:
     """Write tensors with safetensors (no pickle), atomically."""
     from safetensors.torch import save_file
 

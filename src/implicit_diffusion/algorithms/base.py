@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -25,7 +24,7 @@ __all__ = [
 # callback(k, particles, stats) after θ update k; stats hold 0-d tensors (no host sync).
 Callback = Callable[[int, Tensor, dict], None]
 # A sampler step size: a constant, or a function of the θ-update index k.
-StepSize = Union[float, Callable[[int], float]]
+StepSize = float | Callable[[int], float]
 
 
 def resolve_step_size(step_size: StepSize, k: int) -> float:

@@ -20,7 +20,7 @@ the two can be compared at equal inner work.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor

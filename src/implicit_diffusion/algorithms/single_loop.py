@@ -16,8 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from ..samplers.langevin import ula_step
 from ..samplers.guard import reject_nonfinite
+from ..samplers.langevin import ula_step
 from .base import NONFINITE, Callback, StepSize, apply_surrogate, resolve_step_size, run_steps, with_acceptance
 
 __all__ = ["SingleLoop"]

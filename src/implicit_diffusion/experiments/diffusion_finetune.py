@@ -403,7 +403,8 @@ def save(result: Result, run_dir) -> list[str]:
         if result.diffusers is not None:  # back in diffusers' own format (save_pretrained, safetensors)
             from ..models.diffusers_adapter import save_diffusers
 
-            save_diffusers(result.diffusers, result.model, result.config.diffusers_model, run_dir / f"diffusers{suffix}")
+            save_diffusers(result.diffusers, result.model, result.config.diffusers_model,
+                           run_dir / f"diffusers{suffix}")
             files.append(f"diffusers{suffix}/")
         else:
             save_score_model(run_dir / f"finetuned{suffix}.safetensors", result.model, result.schedule,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -47,7 +46,8 @@ class Config:
                 raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
         bad = [a for a in self.algorithms if a not in ALGORITHMS]
         if bad or not self.algorithms:
-            raise ConfigError(f"config key 'algorithms': unknown {bad or 'empty list'}; allowed: {', '.join(ALGORITHMS)}")
+            raise ConfigError(f"config key 'algorithms': unknown {bad or 'empty list'}; "
+                              f"allowed: {', '.join(ALGORITHMS)}")
 
 
 ALGORITHMS = {

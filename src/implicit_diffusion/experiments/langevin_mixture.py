@@ -83,7 +83,8 @@ class LangevinMixtureConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
         if len(self.theta0) != 6:
-            raise ConfigError(f"config key 'theta0' must have 6 entries (one per hexagon component), got {len(self.theta0)}")
+            raise ConfigError(f"config key 'theta0' must have 6 entries (one per hexagon component), "
+                              f"got {len(self.theta0)}")
         if any(t < 1 for t in self.nested_inner_steps):
             raise ConfigError(f"config key 'nested_inner_steps' must hold integers >= 1, got {self.nested_inner_steps}")
         if any(s < 0 for s in self.snapshot_steps):
@@ -315,7 +316,8 @@ def _local_blocks(config: LangevinMixtureConfig) -> range:
     share = config.particle_blocks // world
     if share > 1 and config.sampler == "primal-dual-box":
         raise ConfigError("sampler 'primal-dual-box' keeps one dual iterate per particle batch: config key "
-                          f"'particle_blocks' must equal the number of processes ({world}), got {config.particle_blocks}")
+                          f"'particle_blocks' must equal the number of processes ({world}), "
+                          f"got {config.particle_blocks}")
     return range(r * share, (r + 1) * share)
 
 

@@ -249,7 +249,8 @@ def save(result: Result, run_dir) -> list[str]:
     from ..runio import atomic_write_text
 
     run_dir = Path(run_dir)
-    extra = {"dataset": result.config.dataset, "data_shape": list(result.data_sample.shape[1:]), "reproduce": reproduce_command(result.config),
+    extra = {"dataset": result.config.dataset, "data_shape": list(result.data_sample.shape[1:]),
+             "reproduce": reproduce_command(result.config),
              "num_steps": result.config.num_steps, "seed": result.config.seed}
     save_score_model(run_dir / "model.safetensors", result.model, result.schedule, extra=extra)
     plot_loss_curve(run_dir / "loss.png", result.losses)

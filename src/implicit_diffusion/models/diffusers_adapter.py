@@ -118,7 +118,7 @@ def load_diffusers(path: str | Path, num_steps: int = 100) -> LoadedDiffusers:
         unet = diffusers.UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True,
                                                      low_cpu_mem_usage=False)
         scheduler = getattr(diffusers, cls_name).from_pretrained(sched_dir, local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise DataError(f"cannot load the diffusers model in {str(path)!r} (only safetensors weights are read): "
                         f"{' '.join(str(e).split())[:300]}") from None
     cfg = unet.config

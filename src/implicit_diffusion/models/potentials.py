@@ -17,7 +17,6 @@ Stochastic Sampling*, arXiv 2402.05468 (AISTATS 2025), §2 and §5.1.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +33,7 @@ __all__ = [
     "autograd_energy_grad",
 ]
 
-Params = Union[Tensor, Mapping[str, Tensor]]
+Params = Tensor | Mapping[str, Tensor]
 
 
 class Potential(nn.Module):

@@ -27,7 +27,7 @@ distribution", NeurIPS 2019, Algorithm 1 (ε₀ = 2e-5, T = 100, σ geometric fr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
