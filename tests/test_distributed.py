@@ -58,6 +58,7 @@ GAMMA_SCRIPT = textwrap.dedent("""
     if rank() == 0:
         json.dump({"gamma": gamma.tolist(), "wrong": wrong.tolist(),
                    "reward": float(surrogate.stats["reward"])}, open(sys.argv[1], "w"))
+    dist.barrier()  # both processes done with every collective before the group goes away
     dist.destroy_process_group()
 """)
 
@@ -181,6 +182,7 @@ QUEUE_SCRIPT = textwrap.dedent("""
     if rank() == 0:
         json.dump(out, open(sys.argv[1], "w"))
     if sharded:
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 """)
 

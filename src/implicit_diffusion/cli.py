@@ -104,6 +104,10 @@ def _run(args: argparse.Namespace) -> int:
         result, files = execute(experiment, config, run_dir, name=name, tensorboard=args.tensorboard)
         if distributed.is_main():
             _report(name, experiment, config, result, files, run_dir, start)
+        if sharded:  # every process is done with its collectives before the group goes away
+            import torch.distributed as dist
+
+            dist.barrier()
     finally:
         if sharded:
             import torch.distributed as dist
