@@ -141,8 +141,11 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
     assert meta["step"] == 400
     assert ("sampler.dual" in saved) == (sampler == "primal-dual-box")  # the dual iterate is state too
     monkeypatch.setattr(recording.EvalRecorder, "record", original)
+    stale = run_dir / ".checkpoint.safetensors.abc123.tmp"  # as a SIGKILL during a write leaves
+    stale.write_bytes(b"half a checkpoint")
     name, _, result, files = resume(run_dir, EXPERIMENTS)
     assert name == "langevin-mixture" and "theta.safetensors" in files
+    assert not stale.exists()
     _assert_same_outputs(reference, run_dir)
     # the in-memory result carries the whole history, not only the resumed part
     lines = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]

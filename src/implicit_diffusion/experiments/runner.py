@@ -115,6 +115,8 @@ def resume(run_dir: str | Path, experiments: dict[str, ModuleType]):
     if config_to_dict(config) != meta["config"]:
         raise RunDirError(f"{str(run_dir / 'config.toml')!r} differs from the config saved in the checkpoint; "
                           f"resume needs the run's own config")
+    for stale in run_dir.glob(".*.tmp"):  # half-written files of a process killed while writing
+        stale.unlink(missing_ok=True)
     metrics = run_dir / "metrics.jsonl"
     with open(metrics, "r+b") as f:  # drop what was written after the checkpoint
         f.truncate(int(meta["metrics_offset"]))
