@@ -21,14 +21,14 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .errors import RunDirError
 from .plotting import _COLORS, _figure, running_mean
 
-__all__ = ["RunData", "load_run", "write_report"]
+__all__ = ["RunData", "Scalars", "load_run", "record_scalars", "write_report"]
 
 X_KEYS = ("step", "update", "sampler_steps", "K")
 LABEL_KEYS = ("method", "algorithm", "run", "rule", "seed")
@@ -93,21 +93,40 @@ def _read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _add_record(record: dict, series, x_label) -> None:
+class Scalars(NamedTuple):
+    """A metric record's plottable content: its step axis, its label fields, its finite numbers."""
+
+    x_key: str  # which of X_KEYS the record has
+    x: float
+    labels: list[str]  # the values of its LABEL_KEYS fields, in that order
+    values: dict[str, float]  # metric name → finite number
+
+
+def record_scalars(record) -> Scalars | None:
+    """The scalars of one ``metrics.jsonl`` record (None if it has no step axis): what ``report``
+    plots and ``--tensorboard`` writes."""
     if not isinstance(record, dict):
-        return
+        return None
     x_key = next((k for k in X_KEYS if isinstance(record.get(k), (int, float))), None)
     if x_key is None:
+        return None
+    labels = [str(record[k]) for k in LABEL_KEYS if record.get(k) is not None]
+    values = {k: float(v) for k, v in record.items()
+              if k not in X_KEYS and k not in LABEL_KEYS and not isinstance(v, bool)
+              and isinstance(v, (int, float)) and math.isfinite(v)}
+    return Scalars(x_key, float(record[x_key]), labels, values)
+
+
+def _add_record(record: dict, series, x_label) -> None:
+    scalars = record_scalars(record)
+    if scalars is None:
         return
-    label = ", ".join(f"{record[k]}" for k in LABEL_KEYS if k in record and record[k] is not None)
-    for key, value in record.items():
-        if key in X_KEYS or key in LABEL_KEYS or isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            xs, ys = series[key].setdefault(label, ([], []))
-            xs.append(float(record[x_key]))
-            ys.append(float(value))
-            x_label.setdefault(key, x_key)
+    label = ", ".join(scalars.labels)
+    for key, value in scalars.values.items():
+        xs, ys = series[key].setdefault(label, ([], []))
+        xs.append(scalars.x)
+        ys.append(value)
+        x_label.setdefault(key, scalars.x_key)
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path) -> list[str]:

@@ -9,11 +9,10 @@ field of a record becomes a scalar tagged ``[label/]name`` at the record's step 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from .errors import ConfigError
-from .report import LABEL_KEYS, X_KEYS
+from .report import record_scalars
 
 __all__ = ["TensorBoardSink"]
 
@@ -33,15 +32,12 @@ class TensorBoardSink:
         if isinstance(records, dict):
             records = [records]
         for record in records:
-            x_key = next((k for k in X_KEYS if isinstance(record.get(k), (int, float))), None)
-            if x_key is None:
+            scalars = record_scalars(record)
+            if scalars is None:
                 continue
-            label = "/".join(str(record[k]) for k in LABEL_KEYS if record.get(k) is not None)
-            for key, value in record.items():
-                if key in X_KEYS or key in LABEL_KEYS or isinstance(value, bool):
-                    continue
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"{label}/{key}" if label else key, value, int(record[x_key]))
+            label = "/".join(scalars.labels)
+            for key, value in scalars.values.items():
+                self.writer.add_scalar(f"{label}/{key}" if label else key, value, int(scalars.x))
         self.writer.flush()
 
     def close(self) -> None:
