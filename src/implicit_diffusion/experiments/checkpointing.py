@@ -31,12 +31,19 @@ from torch import Tensor
 
 from ..checkpoint import save_checkpoint
 from ..config import config_to_dict
+from ..errors import ConfigError
 
-__all__ = ["CHECKPOINT_FILE", "Checkpoints", "RunInterrupted"]
+__all__ = ["CHECKPOINT_FILE", "Checkpoints", "RunInterrupted", "check_checkpoint_every"]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 StateFn = Callable[[int, Tensor], tuple[dict[str, Tensor], dict[str, Any]]]
+
+
+def check_checkpoint_every(every: int) -> None:
+    """The config key ``checkpoint_every`` must be >= 0 (0: checkpoints only on Ctrl-C)."""
+    if every < 0:
+        raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), got {every}")
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -63,8 +70,7 @@ class Checkpoints:
     def __init__(self, run_dir: str | Path, every: int, *, experiment: str, config: Any,
                  metrics_position: Callable[[], int] = lambda: 0,
                  resumed: tuple[dict[str, Tensor], dict[str, Any]] | None = None):
-        if every < 0:
-            raise ValueError(f"checkpoint interval must be >= 0 (0 = only on Ctrl-C), got {every}")
+        check_checkpoint_every(every)
         self.path = Path(run_dir) / CHECKPOINT_FILE
         self.every = every
         self.experiment = experiment

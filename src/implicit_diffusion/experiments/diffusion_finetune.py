@@ -39,7 +39,7 @@ from ..objectives.image_rewards import IMAGE_REWARDS
 from ..samplers.blocks import block_generator
 from ..samplers.diffusion import euler_maruyama_step
 from ..samplers.schedules import VPSchedule, to_score
-from .checkpointing import Checkpoints
+from .checkpointing import Checkpoints, check_checkpoint_every
 from .finetune_eval import Evaluation, evaluate, sample_images
 from .guards import DivergenceGuard
 from .recording import ProgressBar
@@ -105,9 +105,7 @@ class Config:
             raise ConfigError("--sweep varies λ/β: it needs kl_weight > 0")
         if self.num_threads < 0:
             raise ConfigError(f"config key 'num_threads' must be >= 0, got {self.num_threads}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), "
-                              f"got {self.checkpoint_every}")
+        check_checkpoint_every(self.checkpoint_every)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from ..metrics import mmd2
 from ..models import EnergyMLP
 from ..objectives import MinibatchContrastiveKL
 from ..samplers import ula_step
-from .checkpointing import Checkpoints
+from .checkpointing import Checkpoints, check_checkpoint_every
 from .guards import DivergenceGuard
 from .recording import ProgressBar
 from .threads import torch_threads
@@ -116,9 +116,7 @@ class EBMConfig:
             )
         if self.num_threads < 0:
             raise ConfigError(f"config key 'num_threads' must be >= 0 (0 = automatic), got {self.num_threads}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), "
-                              f"got {self.checkpoint_every}")
+        check_checkpoint_every(self.checkpoint_every)
 
     @property
     def heldout_size(self) -> int:

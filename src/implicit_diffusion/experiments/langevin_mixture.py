@@ -35,7 +35,7 @@ from ..models import (
 from ..objectives import KLToReference, RewardEstimator, hexagon_reward, hexagon_reward_smooth
 from ..samplers import ula_step
 from ..samplers.blocks import block_generator, blockwise
-from .checkpointing import Checkpoints
+from .checkpointing import Checkpoints, check_checkpoint_every
 from .guards import DivergenceGuard
 from .hexagon_exact import MixtureKL, component_reward_expectations
 from .langevin_samplers import SamplerSetup, sampler_setup
@@ -92,9 +92,7 @@ class LangevinMixtureConfig:
         if self.particle_blocks < 1 or self.num_particles % self.particle_blocks:
             raise ConfigError(f"config key 'particle_blocks' must be >= 1 and divide num_particles "
                               f"({self.num_particles}), got {self.particle_blocks}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), "
-                              f"got {self.checkpoint_every}")
+        check_checkpoint_every(self.checkpoint_every)
         if self.num_threads < 0:
             raise ConfigError(f"config key 'num_threads' must be >= 0 (0 = automatic), got {self.num_threads}")
         if self.kl_weight < 0:

@@ -33,7 +33,7 @@ import torch
 from ..data.builtin import TWO_D_DATASETS
 from ..errors import ConfigError
 from ..samplers.schedules import SCHEDULE_KINDS, VPSchedule
-from .checkpointing import Checkpoints
+from .checkpointing import Checkpoints, check_checkpoint_every
 from .guards import DivergenceGuard
 from .recording import ProgressBar
 
@@ -83,9 +83,7 @@ class Config:
                 raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"config key 'ema_decay' must be in [0, 1), got {self.ema_decay!r}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), "
-                              f"got {self.checkpoint_every}")
+        check_checkpoint_every(self.checkpoint_every)
         if self.limit < 0 or self.num_threads < 0:
             raise ConfigError("config keys 'limit' and 'num_threads' must be >= 0")
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
