@@ -53,6 +53,12 @@ def assert_close64(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1
     torch.testing.assert_close(actual, expected.to(torch.float64), rtol=rtol, atol=atol)
 
 
+def same_tensors(a: dict, b: dict) -> bool:
+    """Two ``name → tensor`` dicts (safetensors contents, state dicts) hold the same names and
+    bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def mean_within(samples: torch.Tensor, mu: float, sd: float, z: float = Z) -> bool:
     """|mean(samples) − μ| ≤ z·sd/√n for i.i.d. draws with standard deviation ``sd``."""
     n = samples.numel()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import same_tensors
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -43,9 +44,7 @@ def _outputs(run_dir: Path) -> dict:
 def _same_outputs(a: Path, b: Path) -> bool:
     oa, ob = _outputs(a), _outputs(b)
     same_weights = all(oa["weights"][k][1] == ob["weights"][k][1]
-                       and oa["weights"][k][0].keys() == ob["weights"][k][0].keys()
-                       and all(torch.equal(v, ob["weights"][k][0][n]) for n, v in oa["weights"][k][0].items())
-                       for k in ("single", "nested"))
+                       and same_tensors(oa["weights"][k][0], ob["weights"][k][0]) for k in ("single", "nested"))
     return oa["metrics"] == ob["metrics"] and oa["summary"] == ob["summary"] and same_weights
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import same_tensors
 from safetensors.torch import load_file
 
 from implicit_diffusion.algorithms import DiffusionQueue
@@ -128,7 +129,7 @@ def _same_records(a: ft.Result, b: ft.Result) -> None:
         assert ra.evals == rb.evals
         assert [s for s, _ in ra.grids] == [s for s, _ in rb.grids] == [0, 4, 8, 12]
         assert all(torch.equal(x, y) for (_, x), (_, y) in zip(ra.grids, rb.grids))
-        assert ra.state.keys() == rb.state.keys() and all(torch.equal(ra.state[k], rb.state[k]) for k in ra.state)
+        assert same_tensors(ra.state, rb.state)
 
 
 def _crash_at_grid(monkeypatch, call: int) -> None:
@@ -298,4 +299,4 @@ def test_a_crashed_diffusers_finetuning_resumes_to_the_uninterrupted_result(tmp_
     [weights] = sorted((tmp_path / "reference" / "diffusers").rglob("*.safetensors"))
     a = load_file(str(weights))
     b = load_file(str(tmp_path / "crashed" / weights.relative_to(tmp_path / "reference")))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_tensors(a, b)

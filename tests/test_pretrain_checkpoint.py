@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import same_tensors
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -38,7 +39,7 @@ def _outputs(run_dir: Path) -> dict:
 def _same_outputs(a: Path, b: Path) -> bool:
     oa, ob = _outputs(a), _outputs(b)
     wa, wb = oa.pop("weights"), ob.pop("weights")
-    return oa == ob and wa.keys() == wb.keys() and all(torch.equal(v, wb[k]) for k, v in wa.items())
+    return oa == ob and same_tensors(wa, wb)
 
 
 @pytest.fixture(scope="module")
