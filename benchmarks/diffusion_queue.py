@@ -78,8 +78,8 @@ class Memory:
 
 def worker(name: str, M: int, batch: int, budget: float, device: str, seed: int) -> dict:
     from implicit_diffusion.experiments.diffusion_finetune import ALGORITHMS as ALGOS
-    from implicit_diffusion.experiments.diffusion_finetune import path_kl_cost
     from implicit_diffusion.objectives import brightness
+    from implicit_diffusion.objectives.girsanov import path_kl_cost
     from implicit_diffusion.pretrained import load_pretrained
     from implicit_diffusion.samplers import euler_maruyama_step, sample
 

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from implicit_diffusion.algorithms import NestedLoop, SingleLoop
-from implicit_diffusion.experiments.hexagon_exact import component_reward_expectations
 from implicit_diffusion.experiments.langevin_mixture import LangevinMixtureConfig, run
 from implicit_diffusion.models import FunctionPotential, hexagon_centres, hexagon_mixture
 from implicit_diffusion.objectives import RewardEstimator, hexagon_reward
+from implicit_diffusion.objectives.hexagon_exact import component_reward_expectations
 
 HERE = Path(__file__).resolve().parent
 CENTRES = hexagon_centres()

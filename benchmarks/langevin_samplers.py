@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from implicit_diffusion.experiments.langevin_mixture import LangevinMixtureConfig, run
-from implicit_diffusion.experiments.langevin_samplers import LANGEVIN_SAMPLERS
+from implicit_diffusion.samplers.registry import LANGEVIN_SAMPLERS
 
 HERE = Path(__file__).resolve().parent
 

@@ -14,7 +14,7 @@ import torch
 from conftest import assert_close64, randn64
 
 from implicit_diffusion.algorithms.bilevel import JointBilevel, NestedBilevel
-from implicit_diffusion.experiments.hyperparameter import load_problem, minimize_1d
+from implicit_diffusion.models.regression import load_problem, minimize_1d
 from implicit_diffusion.objectives.implicit import (
     conjugate_gradient,
     hessian_vector_product,

@@ -17,11 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from implicit_diffusion.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from implicit_diffusion.cli import main
 from implicit_diffusion.errors import DataError, RunDirError
 from implicit_diffusion.experiments import EXPERIMENTS, langevin_mixture
-from implicit_diffusion.experiments.runner import execute, resume
+from implicit_diffusion.runtime.checkpoints import load_checkpoint, save_checkpoint
+from implicit_diffusion.runtime.runner import execute, resume
+from implicit_diffusion.serialization import load_optimizer_state, optimizer_state
 
 SMALL = dict(num_particles=200, num_steps=600, eval_every=100, snapshot_steps=(0, 300, 600), progress=False,
              checkpoint_every=200)
@@ -120,7 +121,7 @@ def reference(tmp_path):
 def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, sampler, reference):
     """A crash at update 500 (after the checkpoint at 400, with metrics written past it) and a
     resume give the same metrics file, summary and θ as the uninterrupted run, bit for bit."""
-    from implicit_diffusion.experiments import recording
+    from implicit_diffusion.runtime import recording
 
     cfg = langevin_mixture.Config(**{**SMALL, "sampler": sampler})
     if sampler != "ula":
@@ -239,7 +240,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from implicit_diffusion.checkpoint import save_checkpoint
+    from implicit_diffusion.runtime.checkpoints import save_checkpoint
     path, i = sys.argv[1], 0
     while True:
         i += 1
@@ -291,7 +292,7 @@ def test_a_failing_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     """The disk fills up at the second checkpoint write: the command fails with one line (exit 1),
     the first checkpoint is intact and resumable."""
-    import implicit_diffusion.checkpoint as ck
+    import implicit_diffusion.runtime.checkpoints as ck
 
     calls = {"n": 0}
     real = ck.save_tensors

@@ -2,9 +2,9 @@
 
 import pytest
 
-from implicit_diffusion.config import build_config, config_to_toml, load_config_file, parse_overrides
 from implicit_diffusion.errors import ConfigError
 from implicit_diffusion.experiments.langevin_mixture import LangevinMixtureConfig
+from implicit_diffusion.runtime.config import build_config, config_to_toml, load_config_file, parse_overrides
 
 
 def test_defaults_are_the_papers():
@@ -81,7 +81,7 @@ def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
     import os
     import stat
 
-    from implicit_diffusion.runio import _UMASK, atomic_write_text
+    from implicit_diffusion.serialization import _UMASK, atomic_write_text
 
     atomic_write_text(tmp_path / "a.txt", "x")
     assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o666 & ~_UMASK

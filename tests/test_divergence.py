@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from implicit_diffusion.checkpoint import load_checkpoint
 from implicit_diffusion.cli import main
 from implicit_diffusion.errors import DivergenceError
-from implicit_diffusion.experiments.guards import DivergenceGuard
+from implicit_diffusion.runtime.checkpoints import load_checkpoint
+from implicit_diffusion.runtime.guards import DivergenceGuard
 
 
 def test_the_guard_names_what_became_non_finite():

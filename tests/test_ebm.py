@@ -11,13 +11,13 @@ import torch
 from conftest import Z, assert_close64, energy_mlp64, randn64
 
 from implicit_diffusion.algorithms import SingleLoop
-from implicit_diffusion.config import build_config, load_config_file
 from implicit_diffusion.errors import ConfigError
 from implicit_diffusion.experiments import ebm
-from implicit_diffusion.experiments.runner import execute
 from implicit_diffusion.metrics import mmd2
 from implicit_diffusion.models import GaussianPotential
 from implicit_diffusion.objectives import ContrastiveKL, MinibatchContrastiveKL
+from implicit_diffusion.runtime.config import build_config, load_config_file
+from implicit_diffusion.runtime.runner import execute
 
 
 def _param_grad(V, point):

@@ -14,11 +14,11 @@ from conftest import same_tensors
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from implicit_diffusion.checkpoint import load_checkpoint, save_checkpoint
 from implicit_diffusion.cli import main
 from implicit_diffusion.errors import ConfigError
 from implicit_diffusion.experiments import EXPERIMENTS, ebm
-from implicit_diffusion.experiments.runner import execute, resume
+from implicit_diffusion.runtime.checkpoints import load_checkpoint, save_checkpoint
+from implicit_diffusion.runtime.runner import execute, resume
 
 # 40 single-loop updates (S = 1) and 8 nested ones (T = 5): checkpoints after updates 3, 6, ... of each loop;
 # evaluations every 10 sampler steps (single: updates 10, 20, 30, 40; nested: updates 2, 4, 6, 8)

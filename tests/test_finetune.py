@@ -8,10 +8,9 @@ import torch
 
 from implicit_diffusion.algorithms import DiffusionQueue
 from implicit_diffusion.cli import main
-from implicit_diffusion.experiments.diffusion_finetune import rise_in_se
-from implicit_diffusion.experiments.finetune_eval import Evaluation
 from implicit_diffusion.models import UNet
 from implicit_diffusion.objectives import GirsanovKL, brightness
+from implicit_diffusion.objectives.evaluation import Evaluation, rise_in_se
 from implicit_diffusion.samplers import VPSchedule, euler_maruyama_step, sample, to_score
 
 SHAPE = (1, 8, 8)

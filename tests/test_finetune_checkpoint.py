@@ -17,13 +17,14 @@ from safetensors.torch import load_file
 from implicit_diffusion.algorithms import DiffusionQueue
 from implicit_diffusion.algorithms.diffusion_base import DiffusionAlgorithm
 from implicit_diffusion.algorithms.diffusion_nested import DiffusionNestedLoop
-from implicit_diffusion.checkpoint import load_checkpoint, save_checkpoint
 from implicit_diffusion.cli import main
-from implicit_diffusion.experiments import EXPERIMENTS, runner
+from implicit_diffusion.experiments import EXPERIMENTS
 from implicit_diffusion.experiments import diffusion_finetune as ft
-from implicit_diffusion.experiments.runner import execute, resume
 from implicit_diffusion.models import UNet
 from implicit_diffusion.objectives import GirsanovKL, brightness
+from implicit_diffusion.runtime import runner
+from implicit_diffusion.runtime.checkpoints import load_checkpoint, save_checkpoint
+from implicit_diffusion.runtime.runner import execute, resume
 from implicit_diffusion.samplers import VPSchedule, euler_maruyama_step, to_score
 
 SHAPE = (1, 8, 8)
@@ -195,7 +196,7 @@ def test_ctrl_c_in_a_sweep_checkpoints_at_once_then_resumes(tiny_model, tmp_path
     RunInterrupted; resuming gives the uninterrupted sweep."""
     import signal
 
-    from implicit_diffusion.experiments.checkpointing import RunInterrupted
+    from implicit_diffusion.runtime.checkpoints import RunInterrupted
 
     cfg = ft.Config(model=tiny_model, sweep=True, sweep_ratios=(10.0, 1000.0), **TINY)
     execute(ft, cfg, tmp_path / "reference", name="diffusion-finetune")
@@ -252,7 +253,7 @@ def test_checkpointing_changes_no_result_and_the_summary_comes_last(tiny_model, 
     """checkpoint_every = 5 writes checkpoints but the same metrics, summary and weights as 0. A
     crash in ``save`` (drawing the curves, after the weights) leaves no summary.json, so the run
     is not complete: resume finishes it, to the same files."""
-    import implicit_diffusion.plotting_diffusion as plots
+    import implicit_diffusion.plotting.diffusion as plots
 
     for every in (0, 5):
         execute(ft, ft.Config(model=tiny_model, **{**TINY, "checkpoint_every": every}), tmp_path / f"every-{every}",

@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from implicit_diffusion import FunctionPotential, RewardEstimator
-from implicit_diffusion.checkpoint import load_checkpoint, save_checkpoint
 from implicit_diffusion.cli import main
-from implicit_diffusion.config import build_config, parse_overrides
 from implicit_diffusion.errors import ConfigError, DataError, UserFunctionError
 from implicit_diffusion.experiments import EXPERIMENTS, pretrain
+from implicit_diffusion.runtime.checkpoints import load_checkpoint, save_checkpoint
+from implicit_diffusion.runtime.config import build_config, parse_overrides
 
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -125,7 +125,7 @@ def test_garbled_command_lines_exit_2_without_a_traceback(tmp_path, tokens, comm
 @FUZZ
 @given(st.text(max_size=200), st.sampled_from([".toml", ".yaml"]))
 def test_config_files_of_any_text_load_or_raise_config_error(tmp_path, text, suffix):
-    from implicit_diffusion.config import load_config_file
+    from implicit_diffusion.runtime.config import load_config_file
 
     f = tmp_path / f"c{suffix}"
     f.write_text(text, encoding="utf-8")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from implicit_diffusion.experiments.hexagon_exact import MixtureKL, component_reward_expectations
 from implicit_diffusion.models import hexagon_centres, hexagon_mixture
 from implicit_diffusion.objectives import hexagon_reward, hexagon_reward_smooth
+from implicit_diffusion.objectives.hexagon_exact import MixtureKL, component_reward_expectations
 
 CENTRES = hexagon_centres(dtype=torch.float64).numpy()
 

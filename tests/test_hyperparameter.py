@@ -12,11 +12,11 @@ import json
 import numpy as np
 import pytest
 
-from implicit_diffusion.config import build_config
 from implicit_diffusion.errors import ConfigError
 from implicit_diffusion.experiments import hyperparameter
 from implicit_diffusion.experiments.hyperparameter import HyperparameterConfig, run
-from implicit_diffusion.experiments.runner import execute
+from implicit_diffusion.runtime.config import build_config
+from implicit_diffusion.runtime.runner import execute
 
 TINY = dict(num_updates=60, nested_updates=3, grid_points=41, progress=False)
 
@@ -43,7 +43,7 @@ def test_tiny_config_runs_through_execute_and_writes_its_files(tmp_path, problem
     table = hyperparameter.table(result)
     assert "single loop" in table and "nested" in table and "θ*" in table
     # the config written to the run directory reads back to the same config
-    from implicit_diffusion.config import load_config_file
+    from implicit_diffusion.runtime.config import load_config_file
 
     assert build_config(HyperparameterConfig, load_config_file(tmp_path / "run" / "config.toml")) == cfg
 

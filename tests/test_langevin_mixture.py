@@ -72,7 +72,7 @@ def test_thread_setting_is_restored_and_validated():
     import torch
 
     from implicit_diffusion.errors import ConfigError
-    from implicit_diffusion.experiments.threads import torch_threads
+    from implicit_diffusion.runtime.threads import torch_threads
 
     before = torch.get_num_threads()
     with torch_threads(0, 100) as n:

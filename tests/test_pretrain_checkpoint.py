@@ -13,11 +13,11 @@ from conftest import same_tensors
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from implicit_diffusion.checkpoint import load_checkpoint, save_checkpoint
 from implicit_diffusion.cli import main
 from implicit_diffusion.errors import ConfigError
 from implicit_diffusion.experiments import EXPERIMENTS, pretrain
-from implicit_diffusion.experiments.runner import execute, resume
+from implicit_diffusion.runtime.checkpoints import load_checkpoint, save_checkpoint
+from implicit_diffusion.runtime.runner import execute, resume
 
 # 60 Adam steps, checkpoints after steps 20 and 40 (and 60)
 TINY = dict(dataset="moons", num_points=500, num_steps=60, batch_size=32, hidden=16, sampling_steps=10,

@@ -12,12 +12,15 @@ import torch
 from conftest import Z, assert_close64
 
 from implicit_diffusion.errors import ConfigError
-from implicit_diffusion.experiments import rates, runner
+from implicit_diffusion.experiments import rates
+from implicit_diffusion.metrics import fit_loglog_slope, running_average, tail_average
 from implicit_diffusion.models import GaussianPotential
+from implicit_diffusion.models.gaussian_reward import GaussianRewardProblem
 from implicit_diffusion.objectives import RewardEstimator
+from implicit_diffusion.runtime import runner
 
-QUADRATIC = rates.GaussianRewardProblem("quadratic", (2.0, 1.0), (1.0, 0.3), 1.0, 1.5)
-BUMP = rates.GaussianRewardProblem("bump", (1.0, -0.5), (1.0, 1.0), 0.8, 1.5)
+QUADRATIC = GaussianRewardProblem("quadratic", (2.0, 1.0), (1.0, 0.3), 1.0, 1.5)
+BUMP = GaussianRewardProblem("bump", (1.0, -0.5), (1.0, 1.0), 0.8, 1.5)
 
 
 def _gamma_draws(problem, theta, estimator, generator, *, batches: int, particles: int) -> torch.Tensor:
@@ -83,23 +86,23 @@ def test_quadratic_loss_is_minus_the_expected_reward():
 def test_slope_fitter_recovers_a_known_power_law_exactly():
     k = np.arange(1, 50001, dtype=np.float64)
     for p, c in ((-1 / 3, 2.0), (-0.5, 0.7), (-1.0, 13.0), (0.25, 1.0)):
-        slope, intercept = rates.fit_loglog_slope(k, c * k**p, 500.0)
+        slope, intercept = fit_loglog_slope(k, c * k**p, 500.0)
         assert abs(slope - p) < 1e-10 and abs(intercept - math.log(c)) < 1e-9
     # on the continuous axis T = K h as well: the slope does not depend on the time unit
-    slope, _ = rates.fit_loglog_slope(0.05 * k, 4.0 * (0.05 * k) ** -0.5, 25.0)
+    slope, _ = fit_loglog_slope(0.05 * k, 4.0 * (0.05 * k) ** -0.5, 25.0)
     assert abs(slope + 0.5) < 1e-10
     # a power law with a different exponent before the fit range does not leak into the fit
     values = np.where(k < 1000, 50.0 * k**-1.0, 50.0 * 1000**-1.0 * (k / 1000) ** -0.2)
-    assert abs(rates.fit_loglog_slope(k, values, 1000.0)[0] + 0.2) < 1e-10
+    assert abs(fit_loglog_slope(k, values, 1000.0)[0] + 0.2) < 1e-10
     with pytest.raises(ValueError, match="fewer than 2 points"):
-        rates.fit_loglog_slope(k[:1], k[:1], 1.0)
+        fit_loglog_slope(k[:1], k[:1], 1.0)
 
 
 def test_running_and_tail_averages_exact():
     v = np.array([[8.0, 4.0, 2.0, 2.0, 1.0, 1.0]])
-    np.testing.assert_allclose(rates.running_average(v), [[8.0, 6.0, 14 / 3, 4.0, 3.4, 3.0]], rtol=1e-15)
+    np.testing.assert_allclose(running_average(v), [[8.0, 6.0, 14 / 3, 4.0, 3.4, 3.0]], rtol=1e-15)
     # B_K: mean over K/2 < k ≤ K, i.e. k = ⌊K/2⌋+1 … K (1-based)
-    np.testing.assert_allclose(rates.tail_average(v), [[8.0, 4.0, 3.0, 2.0, 5 / 3, 4 / 3]], rtol=1e-15)
+    np.testing.assert_allclose(tail_average(v), [[8.0, 4.0, 3.0, 2.0, 5 / 3, 4 / 3]], rtol=1e-15)
 
 
 @pytest.mark.parametrize("rule", rates.RULES)
@@ -107,7 +110,7 @@ def test_single_run_is_the_coupled_discrete_scheme(rule):
     """run_single against the update of the discrete analysis written by hand (float64, same noise):
     X_{k+1} = X_k − η_k(X_k − θ_k)/σ² + √(2η_k) B,  θ_{k+1} = θ_k − λ η_k ε_k Γ_R(X_k, θ_k)."""
     cfg = rates.Config(num_steps=7, num_particles=5, num_seeds=1, lr=0.7, variance=1.5, dt=0.3, progress=False)
-    problem = rates.GaussianRewardProblem.from_config(cfg)
+    problem = rates.problem(cfg)
     eps = {"decreasing": lambda k: 1 / math.sqrt(k + 1), "constant": lambda k: 1.0,
            "continuous": lambda k: min(1.0, 1 / math.sqrt(k * cfg.dt)) if k else 1.0}[rule]
     eta = {"decreasing": lambda k: cfg.step_size / math.sqrt(k + 1), "constant": lambda k: cfg.constant_step,
@@ -140,7 +143,7 @@ def test_theta_K_approaches_the_exact_optimum(seed):
     Negative control: Γ_R of a reward whose target is off by 0.4 in the first coordinate (a biased
     estimator) must fail the centring check."""
     cfg = rates.Config(target=(1.0, -1.0), curvatures=(1.0, 0.6), num_particles=64, num_steps=1500, progress=False)
-    problem = rates.GaussianRewardProblem.from_config(cfg)
+    problem = rates.problem(cfg)
     seeds = range(100 * seed, 100 * seed + 16)
 
     def centred(final: np.ndarray) -> bool:
@@ -151,7 +154,7 @@ def test_theta_K_approaches_the_exact_optimum(seed):
     assert centred(final)
     dist = np.linalg.norm(final - problem.optimum, axis=-1).mean()
     assert dist < 0.1 * np.linalg.norm(np.array(cfg.theta0) - problem.optimum)
-    wrong = rates.GaussianRewardProblem.from_config(rates.Config(target=(1.4, -1.0), curvatures=(1.0, 0.6)))
+    wrong = rates.problem(rates.Config(target=(1.4, -1.0), curvatures=(1.0, 0.6)))
     biased = _final_thetas(cfg, seeds, estimator=RewardEstimator(wrong.reward_fn))
     assert not centred(biased)
 
@@ -200,7 +203,7 @@ def test_bad_config_values_raise_config_error_naming_the_key(key, value):
 
 
 def test_config_round_trips_through_toml(tmp_path):
-    from implicit_diffusion.config import build_config, config_to_toml, load_config_file
+    from implicit_diffusion.runtime.config import build_config, config_to_toml, load_config_file
 
     cfg = rates.Config(rules=("decreasing", "continuous"), target=(1.0, 2.0, 3.0), theta0=(0.0, 0.0, 0.0),
                        curvatures=(1.0, 0.5, 0.1), reward="bump")

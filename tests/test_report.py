@@ -10,8 +10,8 @@ from PIL import Image
 from implicit_diffusion.cli import main
 from implicit_diffusion.errors import RunDirError
 from implicit_diffusion.experiments import langevin_mixture
-from implicit_diffusion.experiments.runner import execute
-from implicit_diffusion.report import load_run, write_report
+from implicit_diffusion.runtime.report import load_run, write_report
+from implicit_diffusion.runtime.runner import execute
 
 TINY = dict(num_particles=200, num_steps=300, eval_every=100, snapshot_steps=(0, 300), progress=False)
 

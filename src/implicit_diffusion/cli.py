@@ -72,10 +72,10 @@ def _common_options(r: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from . import distributed
-    from .config import build_config, load_config_file, parse_overrides
     from .errors import ConfigError
     from .experiments import EXPERIMENTS, pretrain
-    from .experiments.runner import default_run_dir, execute
+    from .runtime.config import build_config, load_config_file, parse_overrides
+    from .runtime.runner import default_run_dir, execute
 
     if args.command == "pretrain":
         name, experiment = "pretrain", pretrain
@@ -118,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     from .experiments import EXPERIMENTS, pretrain
-    from .experiments.runner import resume
+    from .runtime.runner import resume
 
     jobs = {**EXPERIMENTS, "pretrain": pretrain}
     start = time.perf_counter()
@@ -128,7 +128,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _report_command(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .runtime.report import write_report
 
     if args.out is None and len(args.run_dirs) > 1:
         print("implicit-diffusion: error: comparing several runs needs --out DIR", file=sys.stderr)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"implicit-diffusion: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        from .experiments.checkpointing import RunInterrupted
+        from .runtime.checkpoints import RunInterrupted
 
         if isinstance(e, RunInterrupted):
             print(f"implicit-diffusion: {e}; continue with: implicit-diffusion resume {e.path.parent}",

@@ -3,12 +3,14 @@
 from .bilevel import JointBilevel, NestedBilevel
 from .diffusion_nested import DiffusionNestedLoop
 from .nested import NestedLoop
+from .optim import LR_SCHEDULES, OPTIMIZERS, make_lr_scheduler, make_optimizer
 from .queue import DiffusionQueue
-from .schedules import LR_SCHEDULES, make_lr_scheduler
 from .single_loop import SingleLoop
 
 __all__ = [
+    "DIFFUSION_ALGORITHMS",
     "LR_SCHEDULES",
+    "OPTIMIZERS",
     "DiffusionNestedLoop",
     "DiffusionQueue",
     "JointBilevel",
@@ -16,4 +18,13 @@ __all__ = [
     "NestedLoop",
     "SingleLoop",
     "make_lr_scheduler",
+    "make_optimizer",
 ]
+
+# name → (class, options): the finite-horizon algorithms, as the diffusion experiments name them
+DIFFUSION_ALGORITHMS = {
+    "queue-pipelined": (DiffusionQueue, {"adjoint": "pipelined"}),
+    "queue-sequential": (DiffusionQueue, {"adjoint": "sequential"}),
+    "nested-adjoint": (DiffusionNestedLoop, {"gradient": "adjoint"}),
+    "nested-autograd": (DiffusionNestedLoop, {"gradient": "autograd"}),
+}

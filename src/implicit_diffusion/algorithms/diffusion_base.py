@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..checkpoint import load_optimizer_state, optimizer_state
+from ..serialization import load_optimizer_state, optimizer_state
 from .base import Callback, run_steps
 
 __all__ = ["DiffusionAlgorithm"]

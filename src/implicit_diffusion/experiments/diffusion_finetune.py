@@ -30,28 +30,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..algorithms.diffusion_nested import DiffusionNestedLoop
-from ..algorithms.queue import DiffusionQueue
+from ..algorithms import DIFFUSION_ALGORITHMS
 from ..distributed import is_main, rank, world_size
 from ..errors import ConfigError, DivergenceError, NonFiniteError
-from ..objectives.girsanov import GirsanovKL
+from ..objectives.evaluation import Evaluation, evaluate, rise_in_se, sample_images
+from ..objectives.girsanov import path_kl_cost
 from ..objectives.image_rewards import IMAGE_REWARDS
+from ..runtime.checkpoints import Checkpoints, check_checkpoint_every
+from ..runtime.guards import DivergenceGuard
+from ..runtime.recording import ProgressBar
 from ..samplers.blocks import block_generator
 from ..samplers.diffusion import euler_maruyama_step
-from ..samplers.schedules import VPSchedule, to_score
-from .checkpointing import Checkpoints, check_checkpoint_every
-from .finetune_eval import Evaluation, evaluate, sample_images
-from .guards import DivergenceGuard
-from .recording import ProgressBar
+from ..samplers.schedules import VPSchedule
 
-__all__ = ["ALGORITHMS", "Config", "Result", "RunRecord", "path_kl_cost", "rise_in_se", "run", "save", "table"]
+__all__ = ["ALGORITHMS", "Config", "Result", "RunRecord", "run", "save", "table"]
 
-ALGORITHMS = {
-    "queue-pipelined": (DiffusionQueue, {"adjoint": "pipelined"}),
-    "queue-sequential": (DiffusionQueue, {"adjoint": "sequential"}),
-    "nested-adjoint": (DiffusionNestedLoop, {"gradient": "adjoint"}),
-    "nested-autograd": (DiffusionNestedLoop, {"gradient": "autograd"}),
-}
+ALGORITHMS = DIFFUSION_ALGORITHMS
 DEFAULT_MODEL = {"brightness": "digits", "red": "photo-patches"}
 SUPPORTS_SHARDING = True  # torchrun: particles / queue slots split over processes
 
@@ -147,12 +141,6 @@ class Result:
         return out
 
 
-def rise_in_se(base: Evaluation, final: Evaluation) -> float:
-    """(final − base) / √(SE_base² + SE_final²): the rise in standard errors of the difference
-    (the two evaluations use independent samples)."""
-    return (final.reward - base.reward) / (base.reward_se**2 + final.reward_se**2) ** 0.5
-
-
 def _load_model(config: Config, metrics_sink):
     from ..models.io import load_score_model
     from ..pretrained import load_pretrained
@@ -184,7 +172,7 @@ def _load_model(config: Config, metrics_sink):
 def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = None) -> Result:
     """Run the experiment; ``metrics_sink`` receives JSON-ready records as they come.
 
-    With ``checkpoints`` (see :mod:`.checkpointing`), each run writes a checkpoint every
+    With ``checkpoints`` (see :mod:`~implicit_diffusion.runtime.checkpoints`), each run writes a checkpoint every
     ``config.checkpoint_every`` iterations and on Ctrl-C, or the sweep continues from a saved one.
     """
     previous = torch.get_num_threads()
@@ -271,14 +259,6 @@ def _record_from_state(tensors: dict[str, torch.Tensor], meta: dict, prefix: str
 
 
 _EVAL_FLOATS = ("reward", "reward_se", "kl", "kl_se")
-
-
-def path_kl_cost(model, schedule, weight: float) -> GirsanovKL:
-    """β·KL(path_θ ‖ path_θ₀) as a running cost for ``model`` (θ₀ = its weights now), converting
-    its output (ε, x₀ or score) to the score on ``schedule``."""
-    prediction = model.prediction
-    return GirsanovKL(model, schedule, weight,
-                      to_score=lambda out, x, t: to_score(out, x, t, schedule, prediction))
 
 
 def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sink, *,
@@ -389,8 +369,8 @@ def save(result: Result, run_dir) -> list[str]:
     """Write the finetuned model(s), sample grids, curves (and the trade-off for a sweep), then,
     last, summary.json; return the file names."""
     from ..models.io import save_score_model
-    from ..plotting_diffusion import plot_finetune_curves, plot_image_grids, plot_tradeoff
-    from ..runio import atomic_write_text
+    from ..plotting.diffusion import plot_finetune_curves, plot_image_grids, plot_tradeoff
+    from ..serialization import atomic_write_text
 
     run_dir = Path(run_dir)
     files = []

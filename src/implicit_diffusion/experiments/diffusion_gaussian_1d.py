@@ -16,15 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..algorithms.diffusion_nested import DiffusionNestedLoop
-from ..algorithms.queue import DiffusionQueue
+from ..algorithms import DIFFUSION_ALGORITHMS
 from ..errors import ConfigError
+from ..runtime.recording import ProgressBar
+from ..runtime.threads import torch_threads
 from ..samplers.diffusion import euler_maruyama_step
 from ..samplers.schedules import VPSchedule
-from .recording import ProgressBar
-from .threads import torch_threads
 
 __all__ = ["Config", "GaussianScore", "Result", "run", "save", "table", "linear_law"]
+
+ALGORITHMS = DIFFUSION_ALGORITHMS
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,6 @@ class Config:
         if bad or not self.algorithms:
             raise ConfigError(f"config key 'algorithms': unknown {bad or 'empty list'}; "
                               f"allowed: {', '.join(ALGORITHMS)}")
-
-
-ALGORITHMS = {
-    "queue-pipelined": (DiffusionQueue, {"adjoint": "pipelined"}),
-    "queue-sequential": (DiffusionQueue, {"adjoint": "sequential"}),
-    "nested-adjoint": (DiffusionNestedLoop, {"gradient": "adjoint"}),
-    "nested-autograd": (DiffusionNestedLoop, {"gradient": "autograd"}),
-}
 
 
 class GaussianScore(torch.nn.Module):
@@ -155,8 +148,8 @@ def save(result: Result, run_dir) -> list[str]:
     import json
     from pathlib import Path
 
-    from ..plotting import plot_theta_trajectories
-    from ..runio import atomic_write_text
+    from ..plotting.diffusion import plot_theta_trajectories
+    from ..serialization import atomic_write_text
 
     run_dir = Path(run_dir)
     plot_theta_trajectories(run_dir / "theta.png", result.thetas, result.theta_star,

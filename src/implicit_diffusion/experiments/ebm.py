@@ -36,16 +36,16 @@ import torch
 from torch import Tensor
 
 from ..algorithms import NestedLoop, SingleLoop
-from ..checkpoint import load_optimizer_state, optimizer_state
 from ..errors import ConfigError
 from ..metrics import mmd2
 from ..models import EnergyMLP
 from ..objectives import MinibatchContrastiveKL
+from ..runtime.checkpoints import Checkpoints, check_checkpoint_every
+from ..runtime.guards import DivergenceGuard
+from ..runtime.recording import ProgressBar
+from ..runtime.threads import torch_threads
 from ..samplers import ula_step
-from .checkpointing import Checkpoints, check_checkpoint_every
-from .guards import DivergenceGuard
-from .recording import ProgressBar
-from .threads import torch_threads
+from ..serialization import load_optimizer_state, optimizer_state
 
 __all__ = ["EBMConfig", "EBMResult", "MethodResult", "run", "save", "table", "Config"]
 
@@ -245,7 +245,8 @@ def run(config: EBMConfig, *, metrics_sink: Callable[[list[dict]], None] | None 
         checkpoints: Checkpoints | None = None) -> EBMResult:
     """Train with the single loop (and the nested baseline if ``config.compare``); evaluate both.
 
-    With ``checkpoints`` (see :mod:`.checkpointing`), each method's loop writes a checkpoint every
+    With ``checkpoints`` (see :mod:`~implicit_diffusion.runtime.checkpoints`), each method's loop writes a
+    checkpoint every
     ``config.checkpoint_every`` θ updates and on Ctrl-C, or the run continues from a saved one.
     """
     dim = 64 if config.data == "digits" else 2
@@ -427,8 +428,8 @@ def save(result: EBMResult, run_dir) -> list[str]:
     import json
     from pathlib import Path
 
-    from .. import plotting_ebm
-    from ..runio import atomic_write_text, save_tensors
+    from ..plotting import ebm as plotting_ebm
+    from ..serialization import atomic_write_text, save_tensors
 
     run_dir = Path(run_dir)
     files = []

@@ -20,8 +20,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from ..algorithms import NestedLoop, SingleLoop, make_lr_scheduler
-from ..checkpoint import load_optimizer_state, optimizer_state
+from ..algorithms import NestedLoop, SingleLoop, make_lr_scheduler, make_optimizer
 from ..distributed import all_gather_rows, is_main, rank, world_size
 from ..errors import ConfigError
 from ..models import (
@@ -33,14 +32,15 @@ from ..models import (
     hexagon_mixture,
 )
 from ..objectives import KLToReference, RewardEstimator, hexagon_reward, hexagon_reward_smooth
+from ..objectives.hexagon_exact import MixtureKL, component_reward_expectations
+from ..runtime.checkpoints import Checkpoints, check_checkpoint_every
+from ..runtime.guards import DivergenceGuard
+from ..runtime.recording import EvalRecorder, ProgressBar, RewardRecorder
+from ..runtime.threads import torch_threads
 from ..samplers import ula_step
 from ..samplers.blocks import block_generator, blockwise
-from .checkpointing import Checkpoints, check_checkpoint_every
-from .guards import DivergenceGuard
-from .hexagon_exact import MixtureKL, component_reward_expectations
-from .langevin_samplers import SamplerSetup, sampler_setup
-from .recording import EvalRecorder, ProgressBar, RewardRecorder
-from .threads import torch_threads
+from ..samplers.registry import SamplerSetup, sampler_setup
+from ..serialization import load_optimizer_state, optimizer_state
 
 __all__ = ["LangevinMixtureConfig", "LangevinMixtureResult", "run"]
 
@@ -160,7 +160,8 @@ class _Problem(NamedTuple):
 
 def _problem(config: LangevinMixtureConfig, dtype: torch.dtype) -> _Problem:
     potential = hexagon_mixture(config.theta0, dtype=dtype)
-    setup = sampler_setup(config.sampler, config.step_size, theta0=config.theta0)
+    reference = hexagon_mixture(config.theta0, dtype=torch.float64)  # the preconditioner's V(·, θ₀)
+    setup = sampler_setup(config.sampler, config.step_size, reference=reference, reference_points=reference.means)
     reward_fn = REWARDS[config.reward]
     if not setup.shift:
         return _Problem(potential, potential, reward_fn, setup)
@@ -173,13 +174,6 @@ def _problem(config: LangevinMixtureConfig, dtype: torch.dtype) -> _Problem:
     return _Problem(potential, shifted, shifted_reward, setup)
 
 
-def _make_optimizer(config: LangevinMixtureConfig, params) -> torch.optim.Optimizer:
-    # foreach=False: θ is one small tensor, and the single-tensor path has less overhead.
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, foreach=False)
-    return torch.optim.Adam(params, lr=config.lr, foreach=False)
-
-
 def run(
     config: LangevinMixtureConfig,
     *,
@@ -188,7 +182,7 @@ def run(
 ) -> LangevinMixtureResult:
     """Run the experiment; ``metrics_sink`` receives blocks of JSON-ready records as they come.
 
-    With ``checkpoints`` (see :mod:`.checkpointing`), the single loop writes a checkpoint every
+    With ``checkpoints`` (see :mod:`~implicit_diffusion.runtime.checkpoints`), the single loop writes a checkpoint every
     ``config.checkpoint_every`` updates and on Ctrl-C, or continues from a saved one.
     """
     with torch_threads(config.num_threads, 2 * config.num_particles):
@@ -211,7 +205,8 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
     estimator = RewardEstimator(problem.reward_fn, config.reward_weight)
     if config.kl_weight > 0:
         estimator = estimator + KLToReference(problem.algo_potential, config.kl_weight)
-    optimizer = _make_optimizer(config, potential.parameters())
+    # foreach=False: θ is one small tensor, and the single-tensor path has less overhead
+    optimizer = make_optimizer(config.optimizer, potential.parameters(), config.lr, foreach=False)
     lr_scheduler = make_lr_scheduler(optimizer, config.lr_schedule)
     algo = SingleLoop(
         problem.algo_potential,
@@ -350,7 +345,7 @@ def _comparisons(config: LangevinMixtureConfig, dtype: torch.dtype, reward_fn) -
     for t in config.nested_inner_steps:
         generator = torch.Generator().manual_seed(config.seed)
         problem = _problem(config, dtype)
-        optimizer = _make_optimizer(config, problem.potential.parameters())
+        optimizer = make_optimizer(config.optimizer, problem.potential.parameters(), config.lr, foreach=False)
         shift = problem.setup.shift
         algo = NestedLoop(
             problem.algo_potential,
@@ -390,9 +385,9 @@ def save(result: LangevinMixtureResult, run_dir) -> list[str]:
     import json
     from pathlib import Path
 
-    from .. import plotting
     from ..objectives.rewards import REWARD_CENTRE
-    from ..runio import atomic_write_text, save_tensors
+    from ..plotting import langevin as plotting
+    from ..serialization import atomic_write_text, save_tensors
 
     run_dir = Path(run_dir)
     cfg = result.config

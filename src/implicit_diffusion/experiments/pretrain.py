@@ -32,10 +32,10 @@ import torch
 
 from ..data.builtin import TWO_D_DATASETS
 from ..errors import ConfigError
+from ..runtime.checkpoints import Checkpoints, check_checkpoint_every
+from ..runtime.guards import DivergenceGuard
+from ..runtime.recording import ProgressBar
 from ..samplers.schedules import SCHEDULE_KINDS, VPSchedule
-from .checkpointing import Checkpoints, check_checkpoint_every
-from .guards import DivergenceGuard
-from .recording import ProgressBar
 
 __all__ = ["DATASETS", "Config", "Result", "run", "save", "table", "load_training_data", "build_model"]
 
@@ -166,7 +166,7 @@ _NO_PARTICLES = torch.empty(0)  # the loop callbacks' x: pretraining has no part
 def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = None) -> Result:
     """Train, then sample from the EMA model; ``metrics_sink`` receives blocks of loss records.
 
-    With ``checkpoints`` (see :mod:`.checkpointing`), a checkpoint is written every
+    With ``checkpoints`` (see :mod:`~implicit_diffusion.runtime.checkpoints`), a checkpoint is written every
     ``config.checkpoint_every`` steps and on Ctrl-C, or the run continues from a saved one.
     """
     from ..samplers.diffusion import ddpm_step, sample
@@ -243,8 +243,8 @@ def save(result: Result, run_dir) -> list[str]:
     """Write the EMA model, the loss curve, data-vs-samples figures and, last, summary.json;
     return the file names."""
     from ..models.io import save_score_model
-    from ..plotting_diffusion import plot_image_grids, plot_loss_curve, plot_points
-    from ..runio import atomic_write_text
+    from ..plotting.diffusion import plot_image_grids, plot_loss_curve, plot_points
+    from ..serialization import atomic_write_text
 
     run_dir = Path(run_dir)
     extra = {"dataset": result.config.dataset, "data_shape": list(result.data_sample.shape[1:]),

@@ -36,15 +36,16 @@ import torch
 
 from ..algorithms import SingleLoop
 from ..errors import ConfigError
+from ..metrics import fit_loglog_slope, running_average, tail_average
 from ..models import GaussianPotential
+from ..models.gaussian_reward import GaussianRewardProblem
 from ..objectives import RewardEstimator
-from .guards import DivergenceGuard
-from .recording import ProgressBar
-from .threads import torch_threads
+from ..runtime.guards import DivergenceGuard
+from ..runtime.recording import ProgressBar
+from ..runtime.threads import torch_threads
 
-__all__ = ["Config", "GaussianRewardProblem", "QUANTITIES", "Result", "RULES", "THEORY_EXPONENTS",
-           "fit_loglog_slope", "run", "run_single", "running_average", "save", "step_rules", "table",
-           "tail_average", "time_axis"]
+__all__ = ["Config", "QUANTITIES", "Result", "RULES", "THEORY_EXPONENTS", "problem", "run", "run_single", "save",
+           "step_rules", "table", "time_axis"]
 
 RULES = ("decreasing", "constant", "continuous")
 # Exponent of the seeds' upper bounds, log factors aside (K^{-1/3} discrete, T^{-1/2} continuous).
@@ -106,91 +107,6 @@ class Config:
             raise ConfigError(f"config key 'num_threads' must be >= 0 (0 = automatic), got {self.num_threads}")
 
 
-@dataclass(frozen=True)
-class GaussianRewardProblem:
-    """π*(θ) = N(θ, σ²I), a reward R with closed-form ℓ(θ) = −E_{π*(θ)}[R] and ∇ℓ (see the module docstring)."""
-
-    reward: Literal["quadratic", "bump"]
-    target: tuple[float, ...]
-    curvatures: tuple[float, ...]
-    bump_width: float
-    variance: float
-
-    @classmethod
-    def from_config(cls, config: Config) -> GaussianRewardProblem:
-        return cls(config.reward, config.target, config.curvatures, config.bump_width, config.variance)
-
-    @property
-    def optimum(self) -> np.ndarray:
-        return np.asarray(self.target, dtype=np.float64)
-
-    def reward_fn(self, x: torch.Tensor) -> torch.Tensor:
-        """R(x) for particles ``(num_particles, d)`` → ``(num_particles,)``."""
-        t = torch.as_tensor(self.target, dtype=x.dtype)
-        if self.reward == "quadratic":
-            return -((x - t) ** 2 * torch.as_tensor(self.curvatures, dtype=x.dtype)).sum(-1)
-        return torch.exp(-((x - t) ** 2).sum(-1) / (2 * self.bump_width**2))
-
-    def loss(self, theta: np.ndarray) -> np.ndarray:
-        """ℓ(θ) for θ of shape ``(..., d)``."""
-        diff = np.asarray(theta, dtype=np.float64) - self.optimum
-        if self.reward == "quadratic":
-            return ((diff**2 + self.variance) * np.asarray(self.curvatures)).sum(-1)
-        s2 = self.bump_width**2 + self.variance
-        return -((self.bump_width**2 / s2) ** (len(self.target) / 2)) * np.exp(-(diff**2).sum(-1) / (2 * s2))
-
-    def grad(self, theta: np.ndarray) -> np.ndarray:
-        """∇ℓ(θ), same shape as θ ``(..., d)``.
-
-        >>> p = GaussianRewardProblem("quadratic", (2.0, 1.0), (1.0, 0.1), 1.0, 1.0)
-        >>> p.grad(np.array([0.0, 0.0])).tolist()
-        [-4.0, -0.2]
-        """
-        diff = np.asarray(theta, dtype=np.float64) - self.optimum
-        if self.reward == "quadratic":
-            return 2 * np.asarray(self.curvatures) * diff
-        return -self.loss(theta)[..., None] * diff / (self.bump_width**2 + self.variance)
-
-
-def running_average(values: np.ndarray) -> np.ndarray:
-    """A_K = (1/K) Σ_{k=1}^{K} values_k along the last axis."""
-    values = np.asarray(values, dtype=np.float64)
-    return np.cumsum(values, -1) / np.arange(1, values.shape[-1] + 1)
-
-
-def tail_average(values: np.ndarray) -> np.ndarray:
-    """B_K = mean of values_k over K/2 < k ≤ K (along the last axis): the running average without
-    the early transient, whose share of A_K decays only like 1/K.
-
-    >>> tail_average(np.array([4.0, 2.0, 1.0, 1.0])).tolist()
-    [4.0, 2.0, 1.5, 1.0]
-    """
-    values = np.asarray(values, dtype=np.float64)
-    c = np.concatenate([np.zeros(values.shape[:-1] + (1,)), np.cumsum(values, -1)], -1)
-    k = np.arange(1, values.shape[-1] + 1)
-    return (c[..., k] - c[..., k // 2]) / (k - k // 2)
-
-
-def fit_loglog_slope(ks: np.ndarray, values: np.ndarray, start: float) -> tuple[float, float]:
-    """Least-squares (slope s, intercept b) of log values = b + s log k over k ∈ [start, max k].
-
-    Fitted on up to 60 log-spaced points of the range, so that each decade weighs the same
-    (the dense end of a linear grid would otherwise dominate).
-
-    >>> k = np.arange(1, 10001, dtype=float)
-    >>> s, b = fit_loglog_slope(k, 3.0 * k ** -0.4, 100)
-    >>> round(s, 12), round(math.exp(b), 12)
-    (-0.4, 3.0)
-    """
-    ks, values = np.asarray(ks, dtype=np.float64), np.asarray(values, dtype=np.float64)
-    grid = np.geomspace(start, ks[-1], 60)
-    idx = np.unique(np.clip(np.searchsorted(ks, grid), 0, len(ks) - 1))
-    if len(idx) < 2:
-        raise ValueError(f"fit range [{start}, {ks[-1]}] holds fewer than 2 points")
-    slope, intercept = np.polyfit(np.log(ks[idx]), np.log(values[idx]), 1)
-    return float(slope), float(intercept)
-
-
 def step_rules(config: Config, rule: str) -> tuple[Callable[[int], float], Callable[[int], float]]:
     """(η_k, η_k ε_k) of a rule, as functions of the 0-based iteration k."""
     if rule == "decreasing":
@@ -203,6 +119,11 @@ def step_rules(config: Config, rule: str) -> tuple[Callable[[int], float], Calla
         h = config.dt
         return (lambda k: h), (lambda k: h * min(1.0, 1.0 / math.sqrt(k * h)) if k > 0 else h)
     raise ValueError(f"unknown rule {rule!r}; allowed: {', '.join(RULES)}")
+
+
+def problem(config: Config) -> GaussianRewardProblem:
+    """The Gaussian problem the config describes."""
+    return GaussianRewardProblem(config.reward, config.target, config.curvatures, config.bump_width, config.variance)
 
 
 def time_axis(config: Config, rule: str) -> tuple[np.ndarray, str]:
@@ -218,7 +139,7 @@ def run_single(config: Config, rule: str, seed: int, *, estimator=None, bar: Pro
     negative controls).
     """
     dtype = getattr(torch, config.dtype)
-    problem = GaussianRewardProblem.from_config(config)
+    gaussian = problem(config)
     generator = torch.Generator().manual_seed(seed)
     theta0 = torch.tensor(config.theta0, dtype=dtype)
     potential = GaussianPotential(theta0, variance=config.variance)
@@ -226,7 +147,7 @@ def run_single(config: Config, rule: str, seed: int, *, estimator=None, bar: Pro
     # Plain SGD at lr λ, scaled at iteration k by the scheduler's factor η_k ε_k: the θ step is λ η_k ε_k Γ.
     optimizer = torch.optim.SGD(potential.parameters(), lr=config.lr, foreach=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, theta_step)
-    algo = SingleLoop(potential, estimator or RewardEstimator(problem.reward_fn), optimizer,
+    algo = SingleLoop(potential, estimator or RewardEstimator(gaussian.reward_fn), optimizer,
                       step_size=sampler_step, lr_scheduler=scheduler)
     thetas = torch.empty(config.num_steps + 1, len(config.target), dtype=dtype)
     thetas[0] = theta0
@@ -292,7 +213,7 @@ def run(config: Config, *, metrics_sink: Callable[[list[dict]], None] | None = N
 
 
 def _run(config: Config, sink: Callable[[list[dict]], None]) -> Result:
-    problem = GaussianRewardProblem.from_config(config)
+    gaussian = problem(config)
     seeds = [config.seed + j for j in range(config.num_seeds)]
     trace = np.unique(np.geomspace(1, config.num_steps, 40).astype(int))
     thetas, grad_sq, fits = {}, {}, {}
@@ -304,7 +225,7 @@ def _run(config: Config, sink: Callable[[list[dict]], None]) -> Result:
             with ProgressBar(config.num_steps, f"{rule} seed {seed}", enabled=config.progress) as bar:
                 runs.append(run_single(config, rule, seed, bar=bar))
         thetas[rule] = np.stack(runs)
-        grad_sq[rule] = (problem.grad(thetas[rule][:, 1:]) ** 2).sum(-1)
+        grad_sq[rule] = (gaussian.grad(thetas[rule][:, 1:]) ** 2).sum(-1)
         curves = {"average": running_average(grad_sq[rule]), "tail": tail_average(grad_sq[rule])}
         for q, values in curves.items():
             fits[rule, q] = np.array([fit_loglog_slope(axis, v, config.fit_from * axis[-1]) for v in values])
@@ -313,7 +234,7 @@ def _run(config: Config, sink: Callable[[list[dict]], None]) -> Result:
                    "grad_sq": float(grad_sq[rule][j, k - 1]), "theta": thetas[rule][j, k].tolist()} for k in trace])
             sink([{"rule": rule, "seed": seed, "slope_average": float(fits[rule, "average"][j, 0]),
                    "slope_tail": float(fits[rule, "tail"][j, 0])}])
-    return Result(config, problem.optimum, thetas, grad_sq, fits, time.perf_counter() - start)
+    return Result(config, gaussian.optimum, thetas, grad_sq, fits, time.perf_counter() - start)
 
 
 def save(result: Result, run_dir) -> list[str]:
@@ -321,13 +242,18 @@ def save(result: Result, run_dir) -> list[str]:
     import json
     from pathlib import Path
 
-    from .. import plotting_rates
-    from ..runio import atomic_write_text
+    from ..plotting.rates import RateCurves, plot_rates, plot_theta_distance
+    from ..serialization import atomic_write_text
 
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
-    plotting_rates.plot_rates(run_dir / "rates.png", result)
-    plotting_rates.plot_theta_distance(run_dir / "theta.png", result)
+    cfg = result.config
+    curves = {rule: RateCurves(*time_axis(cfg, rule), result.curve(rule, "average"), result.curve(rule, "tail"),
+                               {q: result.fits[rule, q] for q in QUANTITIES}) for rule in result.rules}
+    plot_rates(run_dir / "rates.png", curves, fit_from=cfg.fit_from,
+               title=f"Single loop on the Gaussian '{cfg.reward}' problem, N = {cfg.num_particles} particles, "
+                     f"{cfg.num_seeds} seeds (line: median, band: min–max; fit right of the grey line)")
+    plot_theta_distance(run_dir / "theta.png", result.thetas, result.optimum)
     return ["summary.json", "rates.png", "theta.png"]
 
 

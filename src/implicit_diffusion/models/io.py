@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import DataError
-from ..runio import save_tensors
+from ..serialization import save_tensors
 
 __all__ = ["FORMAT", "ScoreModelFile", "save_score_model", "load_score_model", "model_classes"]
 

@@ -37,9 +37,10 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from ..samplers.schedules import to_score
 from .adjoint import Trajectory
 
-__all__ = ["GirsanovKL", "DiscreteMeanKL"]
+__all__ = ["GirsanovKL", "DiscreteMeanKL", "path_kl_cost"]
 
 
 class _Frozen(torch.nn.Module):
@@ -192,6 +193,14 @@ class DiscreteMeanKL:
     def _mean(self, net, x, m, zero):
         out = self.step(x, net, m, schedule=self.schedule, noise=zero, **self.step_kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+
+def path_kl_cost(model: torch.nn.Module, schedule, weight: float) -> GirsanovKL:
+    """β·KL(path_θ ‖ path_θ₀) as a running cost for ``model`` (θ₀ = its weights now), converting
+    its output (ε, x₀ or score) to the score on ``schedule``."""
+    prediction = model.prediction
+    return GirsanovKL(model, schedule, weight,
+                      to_score=lambda out, x, t: to_score(out, x, t, schedule, prediction))
 
 
 def _rates(beta, times: Tensor) -> list[float]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..checkpoint import load_optimizer_state, optimizer_state
+from ..serialization import load_optimizer_state, optimizer_state
 from .dsm import dsm_loss
 
 __all__ = ["DSMTrainer", "PretrainInfo", "pretrain_score_model"]

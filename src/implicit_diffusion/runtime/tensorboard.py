@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .report import record_scalars
 
 __all__ = ["TensorBoardSink"]

@@ -1,6 +1,16 @@
-"""Checkpoints of a running experiment: every N θ updates, on Ctrl-C, and the state to resume from.
+"""Checkpoints: the file format, and checkpointing of a running experiment (every N updates, on Ctrl-C).
 
-An experiment that supports checkpoints takes ``checkpoints=`` in its ``run`` and
+**The file.** A checkpoint is one ``.safetensors`` file whose header metadata holds ``format``,
+``version`` and ``meta`` (a JSON document: step counter, experiment name, resolved config,
+optimizer hyperparameters, ...). Never pickle. It is written to a temporary file beside the
+target, flushed to disk and renamed over it, so a crash (even SIGKILL) during the write leaves
+the previous checkpoint intact and loadable. The state a run needs becomes tensors + JSON:
+a ``torch.Generator``'s state is a uint8 tensor (``get_state``/``set_state``); an optimizer's
+state goes through :func:`~implicit_diffusion.serialization.optimizer_state`; a learning-rate
+scheduler's ``state_dict()`` is JSON.
+
+**A running experiment.** An experiment that supports checkpoints takes ``checkpoints=`` in its
+``run`` and
 
 - adds ``checkpoints.callback(state_fn)`` to its loop's callbacks, where ``state_fn(done, x)``
   returns ``(tensors, meta)``: everything needed to continue after ``done`` θ updates (θ,
@@ -8,10 +18,9 @@ An experiment that supports checkpoints takes ``checkpoints=`` in its ``run`` an
 - on resume (``checkpoints.resumed`` is not None) loads that state and starts its loop at
   ``checkpoints.start``.
 
-The file (``RUN_DIR/checkpoint.safetensors``, see :mod:`implicit_diffusion.checkpoint`) also
-records the experiment's name, the resolved config and the length of ``metrics.jsonl`` at
-the checkpoint, so a resumed run truncates the metrics to that point and appends exactly what
-the uninterrupted run would have written.
+The file (``RUN_DIR/checkpoint.safetensors``) also records the experiment's name, the resolved
+config and the length of ``metrics.jsonl`` at the checkpoint, so a resumed run truncates the
+metrics to that point and appends exactly what the uninterrupted run would have written.
 
 Ctrl-C (SIGINT) during :meth:`Checkpoints.catch_interrupts` only sets a flag; the callback
 writes a checkpoint after the current θ update completes and raises :class:`RunInterrupted`
@@ -21,21 +30,70 @@ writes a checkpoint after the current θ update completes and raises :class:`Run
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from ..checkpoint import save_checkpoint
-from ..config import config_to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+from ..serialization import save_tensors
+from .config import config_to_dict
 
-__all__ = ["CHECKPOINT_FILE", "Checkpoints", "RunInterrupted", "check_checkpoint_every"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CHECKPOINT_FORMAT",
+    "Checkpoints",
+    "RunInterrupted",
+    "check_checkpoint_every",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "implicit-diffusion/checkpoint"
+_VERSION = "1"
+
+
+def save_checkpoint(path: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    """Write ``tensors`` and the JSON-ready ``meta`` to ``path`` atomically (temporary file + rename)."""
+    header = {"format": CHECKPOINT_FORMAT, "version": _VERSION, "meta": json.dumps(meta, allow_nan=False)}
+    save_tensors(path, tensors, header)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, meta)`` from a checkpoint; a missing, truncated or foreign file is a one-line
+    :class:`~implicit_diffusion.errors.DataError`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no checkpoint at {str(path)!r}")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if header.get("format") != CHECKPOINT_FORMAT:
+                raise DataError(f"{str(path)!r} is not an implicit-diffusion checkpoint "
+                                f"(format {header.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+            if header.get("version") != _VERSION:
+                raise DataError(f"checkpoint {str(path)!r} has version {header.get('version')!r}; "
+                                f"this release reads version {_VERSION}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"checkpoint {str(path)!r} cannot be read (truncated or corrupted?): "
+                        f"{' '.join(str(e).split())}") from None
+    try:
+        meta = json.loads(header["meta"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise DataError(f"checkpoint {str(path)!r} has a malformed metadata record: {e}") from None
+    return tensors, meta
+
 
 StateFn = Callable[[int, Tensor], tuple[dict[str, Tensor], dict[str, Any]]]
 

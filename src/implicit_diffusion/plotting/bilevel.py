@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plotting import _COLORS, _figure
+from .base import COLORS, figure
 
 __all__ = ["plot_bilevel"]
 
@@ -25,10 +25,10 @@ def plot_bilevel(
     ``traces`` maps a method name to ``(inner_steps, values, thetas)``, arrays of equal length
     (the first entry is the start, at 0 inner steps; it is drawn at 1 on the log axis).
     """
-    fig = _figure(10.5, 3.8)
+    fig = figure(10.5, 3.8)
     ax_l, ax_t = fig.subplots(1, 2)
     floor = np.inf
-    for (name, (steps, values, thetas)), color in zip(traces.items(), _COLORS):
+    for (name, (steps, values, thetas)), color in zip(traces.items(), COLORS):
         x = np.maximum(np.asarray(steps, dtype=np.float64), 1.0)
         gap = np.asarray(values, dtype=np.float64) - value_star
         positive = gap[gap > 0]

@@ -1,6 +1,6 @@
 """Figures of the diffusion experiments: image grids, 2-D samples, training and finetuning curves.
 
-Same conventions as :mod:`.plotting` (matplotlib object API on the Agg canvas, no pyplot).
+Same conventions as :mod:`.base` (matplotlib object API on the Agg canvas, no pyplot).
 Images are arrays ``(n, C, H, W)`` with pixels in [−1, 1].
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plotting import _COLORS, _figure, running_mean
+from .base import COLORS, figure, running_mean
 
 __all__ = [
     "image_grid",
@@ -20,6 +20,7 @@ __all__ = [
     "plot_points",
     "plot_finetune_curves",
     "plot_tradeoff",
+    "plot_theta_trajectories",
 ]
 
 
@@ -45,7 +46,7 @@ def plot_image_grids(path: str | Path, grids: Sequence[tuple[str, object]], *, n
     """One panel per ``(label, images)``, side by side (e.g. samples at several finetuning steps)."""
     tiles = [image_grid(images, ncols) for _, images in grids]
     aspect = tiles[0].shape[0] / tiles[0].shape[1]
-    fig = _figure(2.6 * len(grids) + 0.2, 2.6 * aspect + (0.7 if title else 0.4))
+    fig = figure(2.6 * len(grids) + 0.2, 2.6 * aspect + (0.7 if title else 0.4))
     axes = fig.subplots(1, len(grids), squeeze=False)[0]
     for ax, tile, (label, _) in zip(axes, tiles, grids):
         ax.imshow(tile, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -58,11 +59,11 @@ def plot_image_grids(path: str | Path, grids: Sequence[tuple[str, object]], *, n
 
 def plot_points(path: str | Path, panels: Sequence[tuple[str, np.ndarray]], *, title: str = "") -> None:
     """Scatter plots of 2-D point sets ``(n, 2)`` side by side, on shared axes."""
-    fig = _figure(3.3 * len(panels), 3.4)
+    fig = figure(3.3 * len(panels), 3.4)
     axes = fig.subplots(1, len(panels), squeeze=False, sharex=True, sharey=True)[0]
     for i, (ax, (label, pts)) in enumerate(zip(axes, panels)):
         pts = np.asarray(pts)
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, color=_COLORS[i % len(_COLORS)])
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, color=COLORS[i % len(COLORS)])
         ax.set_title(label, fontsize=9)
         ax.set_aspect("equal")
     if title:
@@ -72,11 +73,11 @@ def plot_points(path: str | Path, panels: Sequence[tuple[str, np.ndarray]], *, t
 
 def plot_loss_curve(path: str | Path, losses: np.ndarray, *, window: int = 200) -> None:
     """Training loss per step (light) and its running mean (dark), log-scaled y."""
-    fig = _figure(6.0, 3.4)
+    fig = figure(6.0, 3.4)
     ax = fig.subplots()
     steps = np.arange(1, len(losses) + 1)
-    ax.plot(steps, losses, color=_COLORS[0], alpha=0.25, lw=0.6)
-    ax.plot(steps, running_mean(losses, window), color=_COLORS[0], lw=1.5, label=f"running mean ({window})")
+    ax.plot(steps, losses, color=COLORS[0], alpha=0.25, lw=0.6)
+    ax.plot(steps, running_mean(losses, window), color=COLORS[0], lw=1.5, label=f"running mean ({window})")
     ax.set_xlabel("training step")
     ax.set_ylabel("denoising score-matching loss")
     ax.set_yscale("log")
@@ -90,10 +91,10 @@ def plot_finetune_curves(path: str | Path, runs: dict[str, dict[str, np.ndarray]
 
     ``runs[label]`` has arrays ``step``, ``reward``, ``reward_se``, ``kl``, ``kl_se``.
     """
-    fig = _figure(10.0, 3.8)
+    fig = figure(10.0, 3.8)
     ax_r, ax_k = fig.subplots(1, 2)
     for i, (label, r) in enumerate(runs.items()):
-        color = _COLORS[i % len(_COLORS)]
+        color = COLORS[i % len(COLORS)]
         for ax, key in ((ax_r, "reward"), (ax_k, "kl")):
             y, se = np.asarray(r[key]), np.asarray(r[f"{key}_se"])
             ax.plot(r["step"], y, color=color, lw=1.4, marker="o", ms=3, label=label)
@@ -110,10 +111,10 @@ def plot_finetune_curves(path: str | Path, runs: dict[str, dict[str, np.ndarray]
 def plot_tradeoff(path: str | Path, points: dict[str, tuple[float, float, float, float]], *,
                   reward_name: str, base_reward: float | None = None) -> None:
     """Final reward against path KL for each run: ``points[label] = (kl, kl_se, reward, reward_se)``."""
-    fig = _figure(5.5, 4.0)
+    fig = figure(5.5, 4.0)
     ax = fig.subplots()
     for i, (label, (kl, kl_se, rew, rew_se)) in enumerate(points.items()):
-        ax.errorbar(kl, rew, xerr=kl_se, yerr=rew_se, fmt="o", color=_COLORS[i % len(_COLORS)], capsize=3,
+        ax.errorbar(kl, rew, xerr=kl_se, yerr=rew_se, fmt="o", color=COLORS[i % len(COLORS)], capsize=3,
                     label=label)
     if base_reward is not None:
         ax.axhline(base_reward, color="0.4", ls="--", lw=1, label="pretrained model")
@@ -122,6 +123,22 @@ def plot_tradeoff(path: str | Path, points: dict[str, tuple[float, float, float,
     kls = [kl for kl, *_ in points.values()]
     if min(kls) > 0 and max(kls) > 20 * min(kls):
         ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+
+
+def plot_theta_trajectories(path: str | Path, curves: dict[str, np.ndarray], optimum: float, *,
+                            ylabel: str = "θ", title: str = "") -> None:
+    """Parameter trajectories against iterations, with the exact optimum as a dashed line."""
+    fig = figure(6.5, 3.8)
+    ax = fig.subplots()
+    for i, (label, values) in enumerate(curves.items()):
+        ax.plot(np.arange(1, len(values) + 1), values, color=COLORS[i % len(COLORS)], lw=1.3, label=label)
+    ax.axhline(optimum, color="k", ls="--", lw=1, label="exact optimum")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path)

@@ -1,7 +1,9 @@
-"""Run directories: resolved config, metrics as JSON lines, tensors as safetensors.
+"""Run directories: created empty (nothing is overwritten), metrics appended as JSON lines.
 
-Files are written atomically (temporary file in the same directory, then ``os.replace``),
-so a crash never leaves a half-written file in place of a good one.
+The resolved config, results and figures are written atomically with
+:func:`~implicit_diffusion.serialization.atomic_write_text` /
+:func:`~implicit_diffusion.serialization.save_tensors`; ``summary.json`` is written last
+(:func:`write_summary`), so its presence marks a complete run.
 """
 
 from __future__ import annotations
@@ -9,16 +11,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import RunDirError
+from ..errors import RunDirError
+from ..serialization import atomic_write_text
 
-__all__ = ["prepare_run_dir", "atomic_write_text", "save_tensors", "MetricsWriter"]
+__all__ = ["prepare_run_dir", "MetricsWriter", "write_summary"]
 
 
 def prepare_run_dir(path: str | Path) -> Path:
@@ -36,47 +37,11 @@ def prepare_run_dir(path: str | Path) -> Path:
     return path
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def _write_atomically(path: str | Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions of a new file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a flushed temporary file renamed over it."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _write_atomically(path, write)
-
-
-def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
-                 metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors with safetensors (no pickle), atomically."""
-    from safetensors.torch import save_file
-
-    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _write_atomically(path, lambda tmp: save_file(cpu, tmp, metadata=dict(metadata or {})))
+def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> str:
+    """Write ``summary.json`` (indented JSON); returns its file name. Experiments call this last in
+    their ``save``: a summary marks the run complete (``resume`` refuses to continue it)."""
+    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return "summary.json"
 
 
 def _clean(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Sample-based metrics: maximum mean discrepancy (MMD) with a Gaussian (RBF) kernel.
+"""Maximum mean discrepancy (MMD) between two samples, with a Gaussian (RBF) kernel.
 
 Kernel, a mixture of L bandwidths h₁ … h_L:
 

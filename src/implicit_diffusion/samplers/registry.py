@@ -1,14 +1,14 @@
-"""The Langevin-family samplers the §5.1 experiment can run (config key ``sampler``).
+"""The Langevin-family samplers by name (the experiments' config key ``sampler``).
 
 Every choice is a step with the shared signature ``step(x, potential, *, step_size, generator)``
 run unchanged by :class:`~implicit_diffusion.algorithms.SingleLoop`; what differs is only how
-it is set up on the hexagon target π*(θ) on ℝ²:
+it is set up on a target π*(θ) on ℝ² (the settings below are those of the §5.1 hexagon target):
 
 - ``ula``: x' = x − γ∇V + √(2γ) z.
 - ``mala``: ULA proposal + Metropolis–Hastings accept/reject (exact invariant law).
-- ``preconditioned``: a fixed P = (mean Hessian of V(·, θ₀) at the six centres)⁻¹, eigenvalues
-  floored at 0.5 (:func:`~implicit_diffusion.samplers.inverse_hessian`); near the unit-variance
-  components P ≈ I, so this is close to ULA here: the option exists to show the plumbing on §5.1.
+- ``preconditioned``: a fixed P = (mean Hessian of a reference potential V(·, θ₀) at given points)⁻¹,
+  eigenvalues floored at 0.5 (:func:`~implicit_diffusion.samplers.inverse_hessian`); on §5.1 (the
+  six centres, unit-variance components) P ≈ I, so this is close to ULA: the option shows the plumbing.
 - ``myula-box``: proximal Langevin with g the indicator of the box [−b, b]², b = ``box`` (10 by
   default: π*(θ) has mass < 1e-9 outside it, so the target is unchanged); λ = ``box_lam``.
 - ``primal-dual-box``: primal-dual Langevin for exp(−V(x) − g(Dx)) with D = I and g the same box
@@ -26,18 +26,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
-from ..models import hexagon_mixture
-from ..samplers import (
-    inverse_hessian,
-    mala_step,
-    mirror_langevin,
-    myula_box,
-    preconditioned_langevin,
-    prox_l1,
-    ula_step,
-)
-from ..samplers.primal_dual import dense_operator, primal_dual_langevin
+from .langevin import ula_step
+from .mala import mala_step
+from .mirror import mirror_langevin
+from .preconditioned import inverse_hessian, preconditioned_langevin
+from .primal_dual import dense_operator, primal_dual_langevin
+from .proximal import myula_box, prox_l1
 
 __all__ = ["LANGEVIN_SAMPLERS", "SamplerSetup", "sampler_setup"]
 
@@ -53,17 +49,21 @@ class SamplerSetup(NamedTuple):
     shift: float = 0.0
 
 
-def sampler_setup(name: str, step_size: float, *, theta0=None, box: float = 10.0, box_lam: float = 1.0,
-                  mirror_shift: float = 10.0) -> SamplerSetup:
-    """The step for ``name`` (one of :data:`LANGEVIN_SAMPLERS`) at the experiment's γ = ``step_size``
-    (``theta0``: the mixture's initial logits, for the preconditioner)."""
+def sampler_setup(name: str, step_size: float, *, reference=None, reference_points: Tensor | None = None,
+                  box: float = 10.0, box_lam: float = 1.0, mirror_shift: float = 10.0) -> SamplerSetup:
+    """The step for ``name`` (one of :data:`LANGEVIN_SAMPLERS`) at the experiment's γ = ``step_size``.
+
+    ``reference`` (a potential) and ``reference_points`` ``(n, 2)``: where the ``preconditioned``
+    sampler's fixed P is computed (the inverse mean Hessian of ``reference`` at those points)."""
     if name == "ula":
         return SamplerSetup(ula_step, step_size)
     if name == "mala":
         return SamplerSetup(mala_step, step_size)
     if name == "preconditioned":
-        V0 = hexagon_mixture(*(() if theta0 is None else (theta0,)), dtype=torch.float64)
-        return SamplerSetup(preconditioned_langevin(inverse_hessian(V0, V0.means, min_eigenvalue=0.5)), step_size)
+        if reference is None or reference_points is None:
+            raise ValueError("sampler 'preconditioned' needs a reference potential and reference_points")
+        P = inverse_hessian(reference, reference_points, min_eigenvalue=0.5)
+        return SamplerSetup(preconditioned_langevin(P), step_size)
     if name == "myula-box":
         return SamplerSetup(myula_box(-box, box, box_lam), step_size)
     if name == "primal-dual-box":

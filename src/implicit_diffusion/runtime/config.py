@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from types import ModuleType
 
 from .. import distributed
-from ..checkpoint import load_checkpoint
-from ..config import build_config, config_to_dict, config_to_toml, load_config_file
 from ..errors import ConfigError, RunDirError
-from ..runio import MetricsWriter, atomic_write_text, prepare_run_dir
-from .checkpointing import CHECKPOINT_FILE, Checkpoints
+from ..serialization import atomic_write_text
+from .checkpoints import CHECKPOINT_FILE, Checkpoints, load_checkpoint
+from .config import build_config, config_to_dict, config_to_toml, load_config_file
+from .rundir import MetricsWriter, prepare_run_dir
 
 __all__ = ["execute", "default_run_dir", "resume"]
 
@@ -29,7 +29,7 @@ def default_run_dir(name: str) -> Path:
 
 
 def supports_checkpoints(experiment: ModuleType) -> bool:
-    """Whether ``experiment.run`` takes ``checkpoints=`` (see :mod:`.checkpointing`)."""
+    """Whether ``experiment.run`` takes ``checkpoints=`` (see :mod:`.checkpoints`)."""
     return "checkpoints" in inspect.signature(experiment.run).parameters
 
 
@@ -39,13 +39,13 @@ def execute(experiment: ModuleType, config, run_dir: str | Path, *, name: str | 
 
     Returns ``(result, files)``. The config is written before the run starts, so a crashed run
     still says what it was. ``tensorboard=True`` mirrors the metrics to ``RUN_DIR/tensorboard``
-    (:mod:`implicit_diffusion.tensorboard_sink`). Experiments that support checkpoints write
+    (:mod:`.tensorboard`). Experiments that support checkpoints write
     ``checkpoint.safetensors`` every ``config.checkpoint_every`` updates and on Ctrl-C
     (``name`` is stored in it so that :func:`resume` finds the experiment again).
     """
     name = name or experiment.__name__.rsplit(".", 1)[-1]
     if tensorboard:
-        from ..tensorboard_sink import TensorBoardSink  # noqa: F401 - fail early if it is not installed
+        from .tensorboard import TensorBoardSink  # noqa: F401 - fail early if it is not installed
     if distributed.active():
         return _execute_sharded(experiment, config, run_dir, name, tensorboard)
     run_dir = prepare_run_dir(run_dir)
@@ -134,7 +134,7 @@ class _Sinks:
         self.metrics = metrics
         self.tb = None
         if tensorboard:
-            from ..tensorboard_sink import TensorBoardSink
+            from .tensorboard import TensorBoardSink
 
             self.tb = TensorBoardSink(Path(run_dir) / "tensorboard")
 

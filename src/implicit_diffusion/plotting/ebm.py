@@ -1,4 +1,4 @@
-"""Figures of the ``ebm`` experiment (matplotlib object API with the Agg canvas, as in :mod:`.plotting`)."""
+"""Figures of the ``ebm`` experiment (matplotlib object API with the Agg canvas, as in :mod:`.base`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plotting import _COLORS, _figure
+from .base import COLORS, figure
 
 __all__ = ["plot_densities", "plot_mmd_curves", "plot_image_grids"]
 
@@ -17,7 +17,7 @@ def plot_densities(path: str | Path, panels: dict[str, tuple[np.ndarray, np.ndar
     with held-out data (white) and the method's final particles (red) overlaid; a last panel shows
     the held-out data alone."""
     n = len(panels) + 1
-    fig = _figure(3.3 * n, 3.5)
+    fig = figure(3.3 * n, 3.5)
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, (title, (density, particles)) in zip(axes, panels.items()):
         ax.imshow(density, origin="lower", extent=extent, cmap="viridis", aspect="auto")
@@ -39,10 +39,10 @@ def plot_densities(path: str | Path, panels: dict[str, tuple[np.ndarray, np.ndar
 def plot_mmd_curves(path: str | Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], *,
                     floor: float | None = None) -> None:
     """MMD²(particles, held-out) against sampler steps, one line per method (log scale on y where positive)."""
-    fig = _figure(6.0, 3.6)
+    fig = figure(6.0, 3.6)
     ax = fig.subplots()
     for i, (label, (steps, values)) in enumerate(curves.items()):
-        ax.plot(steps, values, color=_COLORS[i % len(_COLORS)], lw=1.4, marker=".", ms=3, label=label)
+        ax.plot(steps, values, color=COLORS[i % len(COLORS)], lw=1.4, marker=".", ms=3, label=label)
     if floor is not None:
         ax.axhline(floor, color="0.5", ls=":", lw=1, label="train vs held-out data")
     ax.set_xlabel("sampler steps (per particle)")
@@ -59,7 +59,7 @@ def plot_image_grids(path: str | Path, panels: dict[str, np.ndarray], *, side: i
                      cols: int = 6) -> None:
     """Grids of ``side×side`` images (rows of ``(n, side·side)`` with pixels in about [−1, 1]), one per panel."""
     n = len(panels)
-    fig = _figure(2.6 * n, 2.9)
+    fig = figure(2.6 * n, 2.9)
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, (title, images) in zip(axes, panels.items()):
         imgs = np.clip(np.asarray(images)[: rows * cols].reshape(-1, side, side), -1, 1)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from .plotting import _COLORS, _figure
+from .base import COLORS, figure
 
-__all__ = ["plot_rates", "plot_theta_distance"]
+__all__ = ["RateCurves", "plot_rates", "plot_theta_distance"]
 
 _RULE_LABELS = {
     "decreasing": "η_k = c/√k, ε_k = 1/√k",
@@ -30,29 +31,38 @@ def _reference(ax, x0: float, y0: float, x1: float, exponent: float, style: str,
     ax.plot(xs, y0 * (xs / x0) ** exponent, color="0.35", ls=style, lw=1.1, label=label)
 
 
-def plot_rates(path: str | Path, result) -> None:
+class RateCurves(NamedTuple):
+    """One step-size rule's numbers: its x axis and, per seed, the two averages and their fits."""
+
+    x: np.ndarray  # (K,): K itself, or T = K·h for the continuous proxy
+    axis: str  # "K" or "T"
+    average: np.ndarray  # A_K per seed, (num_seeds, K)
+    tail: np.ndarray  # B_K per seed, (num_seeds, K)
+    fits: dict[str, np.ndarray]  # "average" / "tail" → fitted (slope, intercept) per seed, (num_seeds, 2)
+
+
+def plot_rates(path: str | Path, curves: dict[str, RateCurves], *, fit_from: float, title: str) -> None:
     """Top: A_K = (1/K)Σ_{k≤K}‖∇ℓ(θ_k)‖²; bottom: B_K, the mean over K/2 < k ≤ K (no early transient).
     Discrete rules against K (left), the continuous proxy against T = Kh (right); fitted slopes dashed
-    over the fit range, reference lines K^{−1/3} and K^{−1/2} anchored at the first curve's fit start."""
-    from .experiments.rates import time_axis
-
-    cfg = result.config
-    discrete = [r for r in result.rules if r != "continuous"]
-    panels = [p for p in (discrete, ["continuous"] if "continuous" in result.rules else []) if p]
-    fig = _figure(5.6 * len(panels), 8.2)
+    over the fit range [``fit_from``·x_max, x_max], reference lines K^{−1/3} and K^{−1/2} anchored at the
+    first curve's fit start. ``curves``: rule → :class:`RateCurves`."""
+    discrete = [r for r in curves if r != "continuous"]
+    panels = [p for p in (discrete, ["continuous"] if "continuous" in curves else []) if p]
+    fig = figure(5.6 * len(panels), 8.2)
     grid = fig.subplots(2, len(panels), squeeze=False)
     for row, quantity in enumerate(("average", "tail")):
         for ax, rules in zip(grid[row], panels):
             anchor = None
             for rule in rules:
-                color = _COLORS[list(_RULE_LABELS).index(rule)]
-                x, name = time_axis(cfg, rule)
-                s = result.slopes(rule, quantity)
+                color = COLORS[list(_RULE_LABELS).index(rule)]
+                c = curves[rule]
+                x, name = c.x, c.axis
+                s = c.fits[quantity][:, 0]
                 sd = s.std(ddof=1) if len(s) > 1 else 0.0
                 label = f"{_RULE_LABELS[rule]}: slope {s.mean():+.2f} ± {sd:.2f}"
-                _band(ax, x, result.curve(rule, quantity), color, label)
-                x_fit = np.geomspace(cfg.fit_from * x[-1], x[-1], 20)
-                b = np.median(result.fits[rule, quantity][:, 1])
+                _band(ax, x, c.average if quantity == "average" else c.tail, color, label)
+                x_fit = np.geomspace(fit_from * x[-1], x[-1], 20)
+                b = np.median(c.fits[quantity][:, 1])
                 y_fit = np.exp(b) * x_fit ** np.median(s)
                 ax.plot(x_fit, y_fit, color=color, ls=(0, (5, 2)), lw=2.2, alpha=0.8)
                 if anchor is None:
@@ -68,24 +78,24 @@ def plot_rates(path: str | Path, result) -> None:
                           else f"mean of ‖∇ℓ(θ_k)‖² over {name}/2 < k ≤ {name}")
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7.5, loc="lower left")
-    fig.suptitle(f"Single loop on the Gaussian '{cfg.reward}' problem, N = {cfg.num_particles} particles, "
-                 f"{cfg.num_seeds} seeds (line: median, band: min–max; fit right of the grey line)", fontsize=9.5)
+    fig.suptitle(title, fontsize=9.5)
     fig.savefig(path)
 
 
-def plot_theta_distance(path: str | Path, result) -> None:
-    """‖θ_k − θ*‖ against k for every rule (median over seeds, min–max band), log-log."""
-    fig = _figure(6.5, 4.2)
+def plot_theta_distance(path: str | Path, thetas: dict[str, np.ndarray], optimum: np.ndarray) -> None:
+    """‖θ_k − θ*‖ against k for every rule (median over seeds, min–max band), log-log.
+    ``thetas``: rule → θ_0..θ_K per seed, ``(num_seeds, K + 1, d)``; ``optimum``: θ*, ``(d,)``."""
+    fig = figure(6.5, 4.2)
     ax = fig.subplots()
-    for rule, thetas in result.thetas.items():
-        dist = np.linalg.norm(thetas[:, 1:] - result.optimum, axis=-1)
+    for rule, per_seed in thetas.items():
+        dist = np.linalg.norm(per_seed[:, 1:] - optimum, axis=-1)
         k = np.arange(1, dist.shape[1] + 1, dtype=np.float64)
-        _band(ax, k, dist, _COLORS[list(_RULE_LABELS).index(rule)], _RULE_LABELS[rule])
+        _band(ax, k, dist, COLORS[list(_RULE_LABELS).index(rule)], _RULE_LABELS[rule])
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("iteration k")
     ax.set_ylabel("‖θ_k − θ*‖")
-    ax.set_title(f"Distance to the exact optimum θ* = {tuple(result.optimum.tolist())}", fontsize=10)
+    ax.set_title(f"Distance to the exact optimum θ* = {tuple(np.asarray(optimum).tolist())}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower left")
     fig.savefig(path)

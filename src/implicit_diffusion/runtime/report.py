@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .errors import RunDirError
-from .plotting import _COLORS, _figure, running_mean
+from ..errors import RunDirError
+from ..plotting.base import COLORS, figure, running_mean
 
 __all__ = ["RunData", "Scalars", "load_run", "record_scalars", "write_report"]
 
@@ -157,7 +157,7 @@ def _slug(name: str) -> str:
 
 
 def _plot_metric(path: Path, metric: str, runs: list[tuple[str, RunData]]) -> None:
-    fig = _figure(6.4, 3.6)
+    fig = figure(6.4, 3.6)
     ax = fig.subplots()
     lines = [(f"{name}: {label}" if len(runs) > 1 and label else (label or name), xy)
              for name, run in runs for label, xy in sorted(run.series[metric].items())]
@@ -166,7 +166,7 @@ def _plot_metric(path: Path, metric: str, runs: list[tuple[str, RunData]]) -> No
         x, y = np.asarray(x), np.asarray(y)
         order = np.argsort(x, kind="stable")
         x, y = x[order], y[order]
-        color = _COLORS[i % len(_COLORS)]
+        color = COLORS[i % len(COLORS)]
         if len(y) > 400:  # per-step noise: faint raw values, a running mean on top
             ax.plot(x, y, color=color, alpha=0.25, linewidth=0.6)
             ax.plot(x, running_mean(y, max(5, len(y) // 100)), color=color, linewidth=1.4, label=label)

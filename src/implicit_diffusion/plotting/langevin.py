@@ -1,4 +1,4 @@
-"""Figures (matplotlib, object API with the Agg canvas: no pyplot, no global state)."""
+"""Figures of the Langevin experiments (§5.1): particle clouds, reward curves, mixture weights."""
 
 from __future__ import annotations
 
@@ -6,33 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .base import COLORS, figure, running_mean
+
 __all__ = [
     "plot_particle_clouds",
     "plot_reward_curves",
     "plot_mixture_weights",
-    "plot_theta_trajectories",
-    "running_mean",
 ]
-
-_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def running_mean(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over ``window`` values (shorter at the start)."""
-    values = np.asarray(values, dtype=np.float64)
-    c = np.concatenate([[0.0], np.cumsum(values)])
-    idx = np.arange(1, len(values) + 1)
-    lo = np.maximum(0, idx - window)
-    return (c[idx] - c[lo]) / (idx - lo)
 
 
 def _mixture_density(grid: np.ndarray, means: np.ndarray, weights: np.ndarray, variance: float) -> np.ndarray:
@@ -57,7 +37,7 @@ def plot_particle_clouds(
     """
     panels = [(f"step {k}", snapshots[k], weights[k]) for k in sorted(snapshots)]
     panels += [(label, p, w) for label, (p, w) in (extra or {}).items()]
-    fig = _figure(3.1 * len(panels), 3.3)
+    fig = figure(3.1 * len(panels), 3.3)
     lim = np.abs(means).max() + 3.5
     ax_grid = np.linspace(-lim, lim, 160)
     gx, gy = np.meshgrid(ax_grid, ax_grid)
@@ -91,11 +71,11 @@ def plot_reward_curves(
 ) -> None:
     """Mean reward of the particles against sampler steps (running mean over ``window`` points),
     the exact E_{π*(θ)}[R] of the single loop, reference levels, and optionally KL in a second panel."""
-    fig = _figure(10 if kl is not None else 6.5, 4)
+    fig = figure(10 if kl is not None else 6.5, 4)
     axes = fig.subplots(1, 2 if kl is not None else 1, squeeze=False)[0]
     ax = axes[0]
     for i, (label, (steps, values)) in enumerate(curves.items()):
-        ax.plot(steps, running_mean(values, window), color=_COLORS[i % len(_COLORS)], lw=1.4, label=label)
+        ax.plot(steps, running_mean(values, window), color=COLORS[i % len(COLORS)], lw=1.4, label=label)
     if exact is not None:
         ax.plot(*exact, "k--", lw=1.2, label="E_π*(θ_k)[R] (exact)")
     for j, (label, y) in enumerate((hlines or {}).items()):
@@ -108,7 +88,7 @@ def plot_reward_curves(
     ax.legend(fontsize=8, loc="best")
     if kl is not None:
         ax2 = axes[1]
-        ax2.plot(*kl, color=_COLORS[0])
+        ax2.plot(*kl, color=COLORS[0])
         ax2.set_xlabel("sampler steps")
         ax2.set_ylabel("KL(π*(θ_k) ‖ π*(θ₀))")
         ax2.set_xscale("log")
@@ -119,28 +99,12 @@ def plot_reward_curves(
 
 def plot_mixture_weights(path: str | Path, steps: np.ndarray, weights: np.ndarray, labels: list[str]) -> None:
     """Stacked mixture weights softmax(θ_k) against θ updates."""
-    fig = _figure(6.5, 3.6)
+    fig = figure(6.5, 3.6)
     ax = fig.subplots()
-    ax.stackplot(steps, np.asarray(weights).T, labels=labels, colors=_COLORS[: len(labels)], alpha=0.85)
+    ax.stackplot(steps, np.asarray(weights).T, labels=labels, colors=COLORS[: len(labels)], alpha=0.85)
     ax.set_xlabel("θ updates")
     ax.set_ylabel("mixture weight")
     ax.set_ylim(0, 1)
     ax.set_xlim(steps[0], steps[-1])
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.savefig(path)
-
-
-def plot_theta_trajectories(path: str | Path, curves: dict[str, np.ndarray], optimum: float, *,
-                            ylabel: str = "θ", title: str = "") -> None:
-    """Parameter trajectories against iterations, with the exact optimum as a dashed line."""
-    fig = _figure(6.5, 3.8)
-    ax = fig.subplots()
-    for i, (label, values) in enumerate(curves.items()):
-        ax.plot(np.arange(1, len(values) + 1), values, color=_COLORS[i % len(_COLORS)], lw=1.3, label=label)
-    ax.axhline(optimum, color="k", ls="--", lw=1, label="exact optimum")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.savefig(path)

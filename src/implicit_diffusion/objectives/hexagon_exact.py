@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from ..objectives.rewards import REWARD_CENTRE
+from .rewards import REWARD_CENTRE
 
 __all__ = ["component_reward_expectations", "MixtureKL"]
 

@@ -1,4 +1,4 @@
-"""Evaluation of a finetuned diffusion model: sample reward and path KL, each with its standard error.
+"""Evaluation of a (finetuned) diffusion model: sample reward and path KL, each with its standard error.
 
 Both are Monte Carlo means over ``n`` independent sampler runs (x_0 ~ N(0, I), fresh noise):
 
@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Evaluation", "evaluate", "sample_images"]
+__all__ = ["Evaluation", "evaluate", "rise_in_se", "sample_images"]
 
 
 class Evaluation(NamedTuple):
@@ -53,3 +53,9 @@ def evaluate(model, step, schedule, shape, n: int, *, reward_fn, kl, generator: 
     per_run = sum(w * kl.score_gap(states[m], m) for m, w in enumerate(kl.step_weights))
     rewards = reward_fn(states[-1])
     return Evaluation(*_mean_se(rewards), *_mean_se(per_run)), states[-1]
+
+
+def rise_in_se(base: Evaluation, final: Evaluation) -> float:
+    """(final − base) / √(SE_base² + SE_final²): the rise in standard errors of the difference
+    (the two evaluations use independent samples)."""
+    return (final.reward - base.reward) / (base.reward_se**2 + final.reward_se**2) ** 0.5
