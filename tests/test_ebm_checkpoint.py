@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from implicit_diffusion.cli import main
 from implicit_diffusion.errors import ConfigError
 from implicit_diffusion.experiments import EXPERIMENTS, ebm
+from implicit_diffusion.runtime import recording
 from implicit_diffusion.runtime.checkpoints import load_checkpoint, save_checkpoint
 from implicit_diffusion.runtime.runner import execute, resume
 
@@ -65,15 +66,15 @@ def reference(tmp_path_factory, tiny) -> Path:
 
 def _crash(tiny: dict, run_dir: Path, monkeypatch, method: str, sampler_steps: int) -> dict:
     """Run ``tiny``, raising in the evaluation of ``method`` at ``sampler_steps``; return the checkpoint's meta."""
-    original = ebm._Evaluator.record
+    original = recording.EvalRecorder.record
 
     def crash(self, done, x):
-        if self.method == method and done == sampler_steps:
+        if self.labels["method"] == method and done == sampler_steps:
             raise RuntimeError("simulated crash")
         return original(self, done, x)
 
     with monkeypatch.context() as m:
-        m.setattr(ebm._Evaluator, "record", crash)
+        m.setattr(recording.EvalRecorder, "record", crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             execute(ebm, ebm.Config(**tiny), run_dir, name="ebm")
     return load_checkpoint(run_dir / "checkpoint.safetensors")[1]
@@ -158,16 +159,16 @@ def test_ctrl_c_in_the_nested_loop_checkpoints_that_update_then_resumes(tmp_path
     import os
     import signal
 
-    original = ebm._Evaluator.record
+    original = recording.EvalRecorder.record
 
     def interrupt(self, done, x):
-        if self.method == "nested" and done == 20:
+        if self.labels["method"] == "nested" and done == 20:
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, done, x)
 
     out = tmp_path / "interrupted"
     with monkeypatch.context() as m:
-        m.setattr(ebm._Evaluator, "record", interrupt)
+        m.setattr(recording.EvalRecorder, "record", interrupt)
         rc = main(["run", "ebm", "--out", str(out), "--no-progress",
                    *[a for k, v in tiny.items() if k != "progress" for a in ("--set", f"{k}={v}")]])
     assert rc == 130 and "continue with: implicit-diffusion resume" in capsys.readouterr().err

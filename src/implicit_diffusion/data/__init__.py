@@ -1,7 +1,7 @@
 """Data: built-in sets (2-D synthetic targets, scikit-learn's digits and sample-photo patches)
 and readers of local image files (MNIST IDX, .npz/.npy, CIFAR-10 batches, image folders)."""
 
-from .builtin import TWO_D_DATASETS, load_digits_images, two_d_dataset
+from .builtin import TWO_D_DATASETS, load_digits_images, train_heldout, two_d_dataset
 from .files import SUPPORTED_FORMATS, load_image_data
 from .photos import load_photo_patches
 
@@ -11,5 +11,6 @@ __all__ = [
     "load_digits_images",
     "load_image_data",
     "load_photo_patches",
+    "train_heldout",
     "two_d_dataset",
 ]

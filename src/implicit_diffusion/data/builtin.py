@@ -4,6 +4,7 @@
   concentric circles of radii 1.5 and 3), ``"gaussian-mixture"`` (8 Gaussians on a circle of
   radius 4, sd 0.5); all roughly centred, coordinates within about ±5.
 - ``load_digits_images()``: scikit-learn's bundled 1,797 real 8×8 handwritten digits.
+- ``train_heldout(name, ...)``: either of them as (train, held-out) rows of points.
 
 Randomness comes from a ``torch.Generator``: scikit-learn's generators receive a seed drawn
 from it, so the same generator state gives the same points.
@@ -16,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["TWO_D_DATASETS", "load_digits_images", "two_d_dataset"]
+__all__ = ["TWO_D_DATASETS", "load_digits_images", "train_heldout", "two_d_dataset"]
 
 TWO_D_DATASETS = ("moons", "swiss-roll", "rings", "gaussian-mixture")
 
@@ -62,3 +63,21 @@ def load_digits_images() -> Tensor:
 
     images = load_digits().images  # (1797, 8, 8), values 0..16
     return torch.as_tensor(images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+
+
+def train_heldout(name: str, num_train: int, num_heldout: int, *, generator: torch.Generator,
+                  dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(train, held-out) rows of a built-in set: ``num_train`` + ``num_heldout`` points of a 2-D target
+    (``(n, 2)``), or, for ``"digits"``, the 1,797 digits flattened to 64 pixels in [−1, 1] and shuffled,
+    ``num_heldout`` of them held out and the rest (``num_train`` is ignored) for training.
+
+    >>> train, heldout = train_heldout("digits", 0, 300, generator=torch.Generator().manual_seed(0))
+    >>> tuple(train.shape), tuple(heldout.shape)
+    ((1497, 64), (300, 64))
+    """
+    if name == "digits":
+        images = load_digits_images().reshape(-1, 64)
+        images = images[torch.randperm(images.shape[0], generator=generator)]
+        return images[num_heldout:].to(dtype), images[:num_heldout].to(dtype)
+    pts = two_d_dataset(name, num_train + num_heldout, generator=generator).to(dtype)
+    return pts[:num_train], pts[num_train:]

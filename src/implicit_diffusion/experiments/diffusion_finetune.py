@@ -21,8 +21,6 @@ uninterrupted one would (on CPU).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,9 +34,14 @@ from ..errors import ConfigError, DivergenceError, NonFiniteError
 from ..objectives.evaluation import Evaluation, evaluate, rise_in_se, sample_images
 from ..objectives.girsanov import path_kl_cost
 from ..objectives.image_rewards import IMAGE_REWARDS
-from ..runtime.checkpoints import Checkpoints, check_checkpoint_every
+from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
 from ..runtime.guards import DivergenceGuard
-from ..runtime.recording import ProgressBar
+from ..runtime.progress import ProgressBar
+from ..runtime.recording import EvalRecorder
+from ..runtime.state import load_state_of, pack, state_of, unpack
+from ..runtime.tables import key_values
+from ..runtime.threads import torch_threads
+from ..runtime.validation import nonnegative, positive
 from ..samplers.blocks import block_generator
 from ..samplers.diffusion import euler_maruyama_step
 from ..samplers.schedules import VPSchedule
@@ -84,21 +87,16 @@ class Config:
         if sum(bool(v) for v in (self.model, self.data, self.diffusers_model)) > 1:
             raise ConfigError("give at most one of model (a pretrained file), diffusers_model (a diffusers "
                               "directory) and data (images to pretrain on)")
-        for name in ("pretrain_steps", "num_sampling_steps", "batch_size", "num_steps", "lr", "eval_every",
-                     "eval_samples", "grid_images", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
+        positive(self, "pretrain_steps", "num_sampling_steps", "batch_size", "num_steps", "lr", "eval_every",
+                 "eval_samples", "grid_images", "max_grad_norm")
         if self.eval_samples < 2:
             raise ConfigError(f"config key 'eval_samples' must be >= 2 (for a standard error), got {self.eval_samples}")
-        for name in ("reward_weight", "kl_weight"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)!r}")
+        nonnegative(self, "reward_weight", "kl_weight")
         if self.sweep and (not self.sweep_ratios or any(not r > 0 for r in self.sweep_ratios)):
             raise ConfigError(f"config key 'sweep_ratios' must be positive numbers, got {self.sweep_ratios!r}")
         if self.sweep and not self.kl_weight > 0:
             raise ConfigError("--sweep varies λ/β: it needs kl_weight > 0")
-        if self.num_threads < 0:
-            raise ConfigError(f"config key 'num_threads' must be >= 0, got {self.num_threads}")
+        nonnegative(self, "num_threads")
         check_checkpoint_every(self.checkpoint_every)
 
 
@@ -175,21 +173,17 @@ def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = 
     With ``checkpoints`` (see :mod:`~implicit_diffusion.runtime.checkpoints`), each run writes a checkpoint every
     ``config.checkpoint_every`` iterations and on Ctrl-C, or the sweep continues from a saved one.
     """
-    previous = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    try:
+    with torch_threads(config.num_threads):
         return _run(config, metrics_sink or (lambda records: None), checkpoints)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
+    checkpoints = checkpoints or NoCheckpoints()
     if config.batch_size % world_size():
         raise ConfigError(f"with {world_size()} processes, config key 'batch_size' must be a multiple of "
                           f"{world_size()} (each process holds batch_size/{world_size()} of every batch), "
                           f"got {config.batch_size}")
-    resumed = checkpoints.state if checkpoints is not None and checkpoints.resumed else None
+    resumed = checkpoints.state if checkpoints.resumed else None
     # on resume, pretraining (--data) is redone from its seed; its records are already in the metrics
     model, trained_schedule, shape, source, diffusers = _load_model(config, sink if resumed is None else
                                                                     (lambda records: None))
@@ -212,20 +206,15 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
     if resumed is not None:
         tensors, meta = resumed
         first = int(meta["run_index"])
-        result.runs = [_record_from_state(tensors, m, f"finished.{i}") for i, m in enumerate(meta["finished"])]
+        result.runs = [RunRecord(**r) for r in unpack(meta["finished"], tensors)]
 
     def sweep_state() -> tuple[dict[str, torch.Tensor], dict]:
         """The sweep's part of a checkpoint: the base evaluation, the finished runs, the run in progress."""
-        tensors = {"base": torch.tensor(list(base), dtype=torch.float64)}
-        finished = []
-        for i, r in enumerate(result.runs):
-            t, m = _record_state(r, f"finished.{i}")
-            tensors.update(t)
-            finished.append(m)
+        tensors, finished = pack(result.runs, "finished")
+        tensors["base"] = torch.tensor(list(base), dtype=torch.float64)
         return tensors, {"run_index": len(result.runs), "finished": finished}
 
-    interrupts = checkpoints.catch_interrupts() if checkpoints is not None else contextlib.nullcontext()
-    with interrupts:
+    with checkpoints.catch_interrupts():
         for i, lam in enumerate(weights[first:], start=first):
             model.load_state_dict(initial)  # θ₀ of the path KL, also for a resumed run (θ is loaded later)
             result.runs.append(_finetune(config, model, schedule, shape, reward_fn, lam, sink, checkpoints=checkpoints,
@@ -233,36 +222,8 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
     return result
 
 
-def _record_state(r: RunRecord, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """A run's record as tensors (rewards, evaluations, grids, weights) and JSON (the rest);
-    floats go in float64 tensors, so NaN (the queue's first iterations) and exact values survive."""
-    tensors = {f"{prefix}.train": torch.from_numpy(np.array(r.train_reward, dtype=np.float64)),
-               f"{prefix}.evals": torch.tensor([r.evals[k] for k in _EVAL_FLOATS], dtype=torch.float64)}
-    for j, (_, images) in enumerate(r.grids):
-        tensors[f"{prefix}.grid.{j}"] = images.clone()
-    for k, v in (r.state or {}).items():
-        tensors[f"{prefix}.weights.{k}"] = v.clone()
-    meta = {"label": r.label, "reward_weight": r.reward_weight, "kl_weight": r.kl_weight,
-            "eval_steps": list(r.evals["step"]), "grid_steps": [s for s, _ in r.grids], "wall_time": r.wall_time,
-            "weights": list(r.state or {})}
-    return tensors, meta
-
-
-def _record_from_state(tensors: dict[str, torch.Tensor], meta: dict, prefix: str) -> RunRecord:
-    """Inverse of :func:`_record_state`."""
-    values = tensors[f"{prefix}.evals"].reshape(len(_EVAL_FLOATS), -1).tolist()
-    evals = {"step": [int(s) for s in meta["eval_steps"]], **dict(zip(_EVAL_FLOATS, values))}
-    grids = [(int(s), tensors[f"{prefix}.grid.{j}"]) for j, s in enumerate(meta["grid_steps"])]
-    state = {k: tensors[f"{prefix}.weights.{k}"] for k in meta["weights"]}
-    return RunRecord(meta["label"], meta["reward_weight"], meta["kl_weight"], tensors[f"{prefix}.train"].numpy().copy(),
-                     evals, grids, state, meta["wall_time"])
-
-
-_EVAL_FLOATS = ("reward", "reward_se", "kl", "kl_se")
-
-
 def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sink, *,
-              checkpoints: Checkpoints | None = None, sweep_state=lambda: ({}, {}),
+              checkpoints: Checkpoints | NoCheckpoints, sweep_state=lambda: ({}, {}),
               resumed: tuple[dict[str, torch.Tensor], dict] | None = None) -> RunRecord:
     """One run (one λ). ``resumed``: a checkpoint taken during this run, to continue from;
     ``sweep_state() -> (tensors, meta)``: the rest of the sweep, saved with each checkpoint."""
@@ -279,25 +240,22 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
                max_grad_norm=config.max_grad_norm, **options)
     # under torchrun each process holds batch_size / W of every batch, with its own random stream
     generator = block_generator(config.seed, rank(), world_size())
-    rec = RunRecord(label, lam, beta, np.full(config.num_steps, np.nan),
-                    {k: [] for k in ("step", "reward", "reward_se", "kl", "kl_se")}, [], {}, 0.0)
-    train, evals, grids = rec.train_reward, rec.evals, rec.grids
-    grid_at = {0, config.num_steps // 3, 2 * config.num_steps // 3, config.num_steps}
+    train = np.full(config.num_steps, np.nan)  # the exiting batch's mean reward per iteration
 
-    def evaluate_at(done: int) -> None:
-        if done % config.eval_every == 0 or done == config.num_steps:
-            ev, _ = evaluate(model, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
-                             kl=kl_eval, generator=torch.Generator().manual_seed(config.seed + 1000 + done),
-                             prediction=model.prediction)
-            for key, value in zip(("step", "reward", "reward_se", "kl", "kl_se"), (done, *ev)):
-                evals[key].append(value)
-            sink({"run": label, "eval_step": done, **ev._asdict()})
-        if done in grid_at:  # the same noise at every grid: rows are comparable across steps
-            states = sample_images(model, euler_maruyama_step, schedule, shape, config.grid_images,
-                                   generator=torch.Generator().manual_seed(config.seed + 2),
-                                   prediction=model.prediction)
-            grids.append((done, states[-1]))
+    def measure(done: int, _x) -> dict:
+        """Reward and path KL of fresh samples, each ± SE (independent noise at every evaluation)."""
+        ev, _ = evaluate(model, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
+                         kl=kl_eval, generator=torch.Generator().manual_seed(config.seed + 1000 + done),
+                         prediction=model.prediction)
+        return ev._asdict()
 
+    def grid(done: int, _x) -> torch.Tensor:  # the same noise at every grid: rows are comparable across steps
+        return sample_images(model, euler_maruyama_step, schedule, shape, config.grid_images,
+                             generator=torch.Generator().manual_seed(config.seed + 2), prediction=model.prediction)[-1]
+
+    evals = EvalRecorder(measure, config.eval_every, config.num_steps, sink, step_key="eval_step",
+                         labels={"run": label}, snapshot=grid,
+                         snapshot_steps={0, config.num_steps // 3, 2 * config.num_steps // 3, config.num_steps})
     written = recorded = 0  # per-step rewards handed to the sink / recorded
 
     def flush(upto: int) -> None:  # per-step rewards go out in blocks, so a crash keeps all but the last
@@ -313,8 +271,8 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
         recorded = k + 1
         if (k + 1) % 100 == 0:
             flush(k + 1)
-        evaluate_at(k + 1)
 
+    parts = {"algo": algo, "generator": generator, "evals": evals}  # saved as "run.*"
     elapsed = 0.0  # wall time before a resume
 
     def state(done: int, _x) -> tuple[dict[str, torch.Tensor], dict]:
@@ -322,27 +280,20 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
         sweep's state. Per-step rewards not yet handed to the sink stay in the checkpoint (the
         metrics file is cut back to its length now), so the blocks are those of a run without
         checkpoints."""
-        t_a, m_a = algo.state("run.algo")
-        rec.wall_time = elapsed + time.perf_counter() - start
-        t_r, m_r = _record_state(rec, "run")
+        tensors, meta = state_of(parts, "run.")
         t_s, m_s = sweep_state()
-        tensors = {**t_s, **t_r, **t_a, "run.generator": generator.get_state()}
-        return tensors, {**m_s, "run": {**m_r, "algo": m_a, "written": written}}
+        run = {**meta, "written": written, "wall_time": elapsed + time.perf_counter() - start}
+        return {**t_s, **tensors, "run.train": torch.from_numpy(train.copy())}, {**m_s, "run": run}
 
     first = 0
     if resumed is not None:
         tensors, meta = resumed
-        first = checkpoints.start
-        algo.load_state(tensors, meta["run"]["algo"], "run.algo")
-        generator.set_state(tensors["run.generator"])
-        saved = _record_from_state(tensors, meta["run"], "run")
-        train[:] = saved.train_reward
-        evals.update(saved.evals)
-        grids.extend(saved.grids)
-        elapsed = saved.wall_time
-        written, recorded = int(meta["run"]["written"]), first
+        load_state_of(parts, tensors, meta["run"], "run.")
+        train[:] = tensors["run.train"].numpy()
+        first = recorded = checkpoints.start
+        elapsed, written = meta["run"]["wall_time"], int(meta["run"]["written"])
     else:
-        evaluate_at(0)
+        evals.record(0, None)
     start = time.perf_counter()
     try:
         with ProgressBar(config.num_steps, f"finetune {label}", enabled=config.progress and is_main(), chunk=10,
@@ -350,7 +301,7 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
             # the checkpoint last: it saves what the others recorded
             hint = f"a smaller lr (now {config.lr:g}) or max_grad_norm (now {config.max_grad_norm:g})"
             guard = DivergenceGuard(params, hint)  # first: nothing non-finite is recorded or checkpointed
-            callbacks = [guard, record, bar, *([checkpoints.callback(state)] if checkpoints is not None else [])]
+            callbacks = [guard, record, evals, bar, checkpoints.callback(state)]
             try:
                 algo.run(config.num_steps - first, generator=generator, start=first, callbacks=callbacks)
             except NonFiniteError as e:  # the weights are finite but already produce inf/NaN samples
@@ -360,9 +311,8 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
         raise
     wall = elapsed + time.perf_counter() - start
     flush(config.num_steps)
-    rec.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rec.wall_time = wall
-    return rec
+    return RunRecord(label, lam, beta, train, {"step": evals.steps, **evals.values}, list(evals.snapshots.items()),
+                     {k: v.detach().clone() for k, v in model.state_dict().items()}, wall)
 
 
 def save(result: Result, run_dir) -> list[str]:
@@ -370,7 +320,7 @@ def save(result: Result, run_dir) -> list[str]:
     last, summary.json; return the file names."""
     from ..models.io import save_score_model
     from ..plotting.diffusion import plot_finetune_curves, plot_image_grids, plot_tradeoff
-    from ..serialization import atomic_write_text
+    from ..runtime.rundir import write_summary
 
     run_dir = Path(run_dir)
     files = []
@@ -401,9 +351,7 @@ def save(result: Result, run_dir) -> list[str]:
         plot_tradeoff(run_dir / "tradeoff.png", {r.label: (lambda f: (f.kl, f.kl_se, f.reward, f.reward_se))(
             result.final(r)) for r in result.runs}, reward_name=reward, base_reward=result.base.reward)
         files.append("tradeoff.png")
-    # last: a summary.json marks the run complete (``resume`` refuses to continue it)
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
-    return [*files, "summary.json"]
+    return [*files, write_summary(run_dir, result.summary())]  # last: it marks the run complete
 
 
 def table(result: Result) -> str:
@@ -416,5 +364,4 @@ def table(result: Result) -> str:
         rows.append((f"{r.label}: {result.config.reward} / path KL",
                      f"{f.reward:.4f} ± {f.reward_se:.4f} (rise {rise_in_se(b, f):+.1f} SE) / "
                      f"{f.kl:.3f} ± {f.kl_se:.3f}   [{r.wall_time:.0f} s]"))
-    width = max(len(a) for a, _ in rows)
-    return "\n".join(f"  {a:<{width}}  {b}" for a, b in rows)
+    return key_values(rows)

@@ -18,8 +18,10 @@ import torch
 
 from ..algorithms import DIFFUSION_ALGORITHMS
 from ..errors import ConfigError
-from ..runtime.recording import ProgressBar
+from ..runtime.progress import ProgressBar
+from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
+from ..runtime.validation import positive
 from ..samplers.diffusion import euler_maruyama_step
 from ..samplers.schedules import VPSchedule
 
@@ -42,9 +44,7 @@ class Config:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("T", "num_sampling_steps", "batch_size", "num_steps", "lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
+        positive(self, "T", "num_sampling_steps", "batch_size", "num_steps", "lr")
         bad = [a for a in self.algorithms if a not in ALGORITHMS]
         if bad or not self.algorithms:
             raise ConfigError(f"config key 'algorithms': unknown {bad or 'empty list'}; "
@@ -145,16 +145,15 @@ def _run(config: Config, metrics_sink) -> Result:
 
 def save(result: Result, run_dir) -> list[str]:
     """Write theta.png and, last, summary.json; return the file names."""
-    import json
     from pathlib import Path
 
     from ..plotting.diffusion import plot_theta_trajectories
-    from ..serialization import atomic_write_text
+    from ..runtime.rundir import write_summary
 
     run_dir = Path(run_dir)
     plot_theta_trajectories(run_dir / "theta.png", result.thetas, result.theta_star,
                             ylabel="θ_k", title="θ_k against the exact optimum θ* = θ_target / c")
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    write_summary(run_dir, result.summary())  # after the figures: it marks the run complete
     return ["theta.png", "summary.json"]
 
 
@@ -165,5 +164,4 @@ def table(result: Result) -> str:
     for name, th in result.thetas.items():
         rows.append((f"{name}: mean θ over the last 20%", f"{th[-tail:].mean():.4f}  "
                      f"(|Δ| = {abs(th[-tail:].mean() - result.theta_star):.4f}, {result.wall_times[name]:.2f} s)"))
-    width = max(len(a) for a, _ in rows)
-    return "\n".join(f"  {a:<{width}}  {b}" for a, b in rows)
+    return key_values(rows)

@@ -24,8 +24,6 @@ method's results; ``implicit-diffusion resume RUN_DIR`` continues bit for bit. N
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,16 +34,20 @@ import torch
 from torch import Tensor
 
 from ..algorithms import NestedLoop, SingleLoop
+from ..data.builtin import train_heldout
 from ..errors import ConfigError
 from ..metrics import mmd2
 from ..models import EnergyMLP
+from ..models.potentials import grid_density
 from ..objectives import MinibatchContrastiveKL
-from ..runtime.checkpoints import Checkpoints, check_checkpoint_every
+from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
 from ..runtime.guards import DivergenceGuard
-from ..runtime.recording import ProgressBar
+from ..runtime.progress import ProgressBar
+from ..runtime.recording import EvalRecorder
+from ..runtime.state import load_state_of, pack, state_of, unpack
 from ..runtime.threads import torch_threads
-from ..samplers import ula_step
-from ..serialization import load_optimizer_state, optimizer_state
+from ..runtime.validation import check, nonnegative, positive
+from ..samplers import langevin_chain
 
 __all__ = ["EBMConfig", "EBMResult", "MethodResult", "run", "save", "table", "Config"]
 
@@ -92,15 +94,9 @@ class EBMConfig:
     def __post_init__(self) -> None:
         if self.data not in DATASETS:
             raise ConfigError(f"config key 'data' must be one of {', '.join(DATASETS)}, got {self.data!r}")
-        positive = ("num_train", "num_particles", "batch_size", "num_steps", "sampler_steps_per_update",
-                    "nested_inner_steps", "nested_budget_factor", "lr", "hidden", "depth", "eval_every", "fresh_steps")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
-        for name in ("step_size", "init_std", "num_heldout"):
-            v = getattr(self, name)
-            if not v >= 0:
-                raise ConfigError(f"config key {name!r} must be > 0 (or 0 for the data set's default), got {v!r}")
+        positive(self, "num_train", "num_particles", "batch_size", "num_steps", "sampler_steps_per_update",
+                 "nested_inner_steps", "nested_budget_factor", "lr", "hidden", "depth", "eval_every", "fresh_steps")
+        check(self, ("step_size", "init_std", "num_heldout"), lambda v: v >= 0, "> 0 (or 0 for the data set's default)")
         if any(not h > 0 for h in self.mmd_bandwidths):
             raise ConfigError(f"config key 'mmd_bandwidths' must hold numbers > 0, got {self.mmd_bandwidths!r}")
         if self.num_heldout == 1 or self.num_particles < 2:
@@ -114,8 +110,7 @@ class EBMConfig:
                 f"config key 'nested_inner_steps' ({self.nested_inner_steps}) exceeds the sampler budget "
                 f"num_steps·sampler_steps_per_update = {self.num_steps * self.sampler_steps_per_update}"
             )
-        if self.num_threads < 0:
-            raise ConfigError(f"config key 'num_threads' must be >= 0 (0 = automatic), got {self.num_threads}")
+        nonnegative(self, "num_threads", note="(0 = automatic)")
         check_checkpoint_every(self.checkpoint_every)
 
     @property
@@ -170,75 +165,10 @@ class EBMResult:
         return out
 
 
-def _load_data(config: EBMConfig, generator: torch.Generator, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(train, held-out), each ``(n, dim)``: 2-D points, or digits flattened to 64 pixels in [−1, 1]."""
-    from ..data.builtin import load_digits_images, two_d_dataset
-
-    if config.data == "digits":
-        images = load_digits_images().reshape(-1, 64)
-        perm = torch.randperm(images.shape[0], generator=generator)
-        images = images[perm]
-        n = config.heldout_size
-        return images[n:].to(dtype), images[:n].to(dtype)
-    pts = two_d_dataset(config.data, config.num_train + config.heldout_size, generator=generator).to(dtype)
-    return pts[:config.num_train], pts[config.num_train:]
-
-
 def _make_energy(config: EBMConfig, dim: int, dtype: torch.dtype) -> EnergyMLP:
-    """The energy MLP with θ₀ drawn from a generator seeded by the config (the same θ₀ for both methods).
-
-    nn.Linear's default init draws from the global RNG; θ₀ is redrawn here with the same law
-    (U(±1/√fan_in)) from an explicit generator so a run depends only on ``config.seed``.
-    """
+    """The energy MLP with θ₀ drawn from a generator seeded by the config (the same θ₀ for both methods)."""
     net = EnergyMLP(dim, hidden=config.hidden, depth=config.depth).to(dtype)
-    g = torch.Generator().manual_seed(config.seed + 2)
-    with torch.no_grad():
-        for layer in net.net:
-            if isinstance(layer, torch.nn.Linear):
-                bound = 1.0 / math.sqrt(layer.in_features)
-                for p in (layer.weight, layer.bias):
-                    p.copy_((torch.rand(p.shape, generator=g, dtype=dtype) * 2 - 1) * bound)
-    return net
-
-
-class _Evaluator:
-    """Callback: every ``every`` sampler steps, MMD²(particles, held-out) and the energy gap; times itself."""
-
-    def __init__(self, potential, heldout: Tensor, bandwidths, every: int, steps_per_update: int, total: int,
-                 sink: Callable[[list[dict]], None], method: str):
-        self.potential, self.heldout, self.bandwidths = potential, heldout, bandwidths
-        self.every, self.spu, self.total, self.sink, self.method = every, steps_per_update, total, sink, method
-        self.steps: list[int] = []
-        self.mmd: list[float] = []
-        self.gap: list[float] = []
-        self.seconds = 0.0
-
-    def __call__(self, k: int, x: Tensor, stats: dict) -> None:
-        done, before = (k + 1) * self.spu, k * self.spu
-        if done // self.every > before // self.every or k + 1 == self.total:
-            self.record(done, x)
-
-    def record(self, done: int, x: Tensor) -> None:
-        start = time.perf_counter()
-        with torch.no_grad():
-            m = float(mmd2(x, self.heldout, self.bandwidths))
-            gap = float(self.potential(self.heldout).mean() - self.potential(x).mean())
-        self.steps.append(done)
-        self.mmd.append(m)
-        self.gap.append(gap)
-        self.sink([{"method": self.method, "sampler_steps": done, "mmd2_particles": m, "energy_gap": gap}])
-        self.seconds += time.perf_counter() - start
-
-    def state(self) -> tuple[dict[str, Tensor], dict]:
-        """The curves so far: float64 tensors (exact for Python floats, and an overflowed energy gap
-        of ±inf is allowed where JSON would refuse it), the step counts and the seconds as JSON."""
-        return ({"train.evaluator.mmd": torch.tensor(self.mmd, dtype=torch.float64),
-                 "train.evaluator.gap": torch.tensor(self.gap, dtype=torch.float64)},
-                {"steps": self.steps, "seconds": self.seconds})
-
-    def load_state(self, tensors: dict[str, Tensor], saved: dict) -> None:
-        self.steps, self.seconds = list(saved["steps"]), saved["seconds"]
-        self.mmd, self.gap = tensors["train.evaluator.mmd"].tolist(), tensors["train.evaluator.gap"].tolist()
+    return net.reset_parameters(torch.Generator().manual_seed(config.seed + 2))
 
 
 def run(config: EBMConfig, *, metrics_sink: Callable[[list[dict]], None] | None = None,
@@ -255,9 +185,11 @@ def run(config: EBMConfig, *, metrics_sink: Callable[[list[dict]], None] | None 
 
 
 def _run(config: EBMConfig, sink, checkpoints: Checkpoints | None = None) -> EBMResult:
+    checkpoints = checkpoints or NoCheckpoints()
     dtype = getattr(torch, config.dtype)
     _, init_std, bandwidths, _ = config.resolved()
-    train, heldout = _load_data(config, torch.Generator().manual_seed(config.seed), dtype)
+    train, heldout = train_heldout(config.data, config.num_train, config.heldout_size,
+                                   generator=torch.Generator().manual_seed(config.seed), dtype=dtype)
     dim = train.shape[1]
     n_floor = min(train.shape[0], heldout.shape[0])
     floor_idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(config.seed + 3))[:n_floor]
@@ -273,10 +205,10 @@ def _run(config: EBMConfig, sink, checkpoints: Checkpoints | None = None) -> EBM
     methods = [("single", config.num_steps)]
     if config.compare:
         methods.append(("nested", budget * config.nested_budget_factor // config.nested_inner_steps))
-    resumed = checkpoints.state if checkpoints and checkpoints.resumed else None
+    resumed = checkpoints.state if checkpoints.resumed else None
     for key, updates in methods:
         if resumed and key in resumed[1]["finished"]:
-            result.methods[key] = _load_method(key, *resumed)
+            result.methods[key] = MethodResult(**unpack(resumed[1]["finished"][key], resumed[0]))
             continue
         resume_here = resumed if resumed and resumed[1]["method"] == key else None
         result.methods[key] = _train(config, key, updates, train, heldout, init_fn, sink,
@@ -287,7 +219,7 @@ def _run(config: EBMConfig, sink, checkpoints: Checkpoints | None = None) -> EBM
 
 
 def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Tensor, init_fn, sink, *,
-           checkpoints: Checkpoints | None = None, finished: dict[str, MethodResult] | None = None,
+           checkpoints: Checkpoints | NoCheckpoints, finished: dict[str, MethodResult] | None = None,
            resumed: tuple[dict[str, Tensor], dict] | None = None) -> MethodResult:
     """Train one method (``key`` "single" or "nested") for ``updates`` θ updates from θ₀; evaluate it.
 
@@ -310,15 +242,23 @@ def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Te
                           num_inner_steps=config.nested_inner_steps, step_size=gamma)
         spu, x0 = config.nested_inner_steps, None
         label = f"nested (T={spu})"
-    evaluator = _Evaluator(potential, heldout, bandwidths, config.eval_every, spu, updates, sink, key)
+
+    def measure(done: int, x: Tensor) -> dict:
+        """MMD²(particles, held-out) and the mean energy of held-out data minus the particles'."""
+        with torch.no_grad():
+            return {"mmd2_particles": float(mmd2(x, heldout, bandwidths)),
+                    "energy_gap": float(potential(heldout).mean() - potential(x).mean())}
+
+    # every ``eval_every`` sampler steps, timed (training time leaves it out)
+    evaluator = EvalRecorder(measure, config.eval_every, updates, sink, steps_per_update=spu,
+                             step_key="sampler_steps", labels={"method": key})
+    # everything this method's loop needs to continue bit for bit, but the particles
+    parts = {"potential": potential, "optimizer": optimizer, "generator.batches": batches,
+             "generator.sampler": generator, "evaluator": evaluator}  # saved as "train.*"
     first, before = 0, 0.0  # θ updates done and training seconds before this process (resume)
     if resumed is not None:
         tensors, saved = resumed
-        potential.load_state_dict(_part(tensors, "train.potential."))
-        load_optimizer_state(optimizer, tensors, saved["optimizer"], "train.optimizer")
-        batches.set_state(tensors["train.generator.batches"])
-        generator.set_state(tensors["train.generator.sampler"])
-        evaluator.load_state(tensors, saved["evaluator"])
+        load_state_of(parts, tensors, saved, "train.")
         x0, first, before = tensors["train.particles"].to(train.dtype), checkpoints.start, saved["train_seconds"]
     elif x0 is not None:
         evaluator.record(0, x0)
@@ -330,94 +270,47 @@ def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Te
         return before + time.perf_counter() - start - (evaluator.seconds - eval_before)
 
     def state(done: int, x: Tensor) -> tuple[dict, dict]:
-        """Everything needed to continue after ``done`` updates of this method, bit for bit."""
-        (t_o, m_o), (t_e, m_e) = optimizer_state(optimizer, "train.optimizer"), evaluator.state()
-        tensors = {**{f"train.potential.{k}": v for k, v in potential.state_dict().items()}, **t_o, **t_e,
-                   "train.particles": x, "train.generator.batches": batches.get_state(),
-                   "train.generator.sampler": generator.get_state()}
-        meta = {"method": key, "optimizer": m_o, "evaluator": m_e, "train_seconds": seconds(), "finished": {}}
+        """This method's loop, its training time, and the finished methods' results."""
+        tensors, meta = state_of(parts, "train.")
+        meta.update(method=key, train_seconds=seconds(), finished={})
         for name, m in (finished or {}).items():
-            t_m, meta["finished"][name] = _method_state(name, m)
+            t_m, meta["finished"][name] = pack(m, f"done.{name}")
             tensors.update(t_m)
-        return tensors, meta
+        return {**tensors, "train.particles": x}, meta
 
     guard = DivergenceGuard(potential.parameters(), f"a smaller step_size (now {gamma:g}) or lr (now {config.lr:g})")
     bar = ProgressBar(updates, label, enabled=config.progress, initial=first)
     # the guard first: nothing non-finite is evaluated or checkpointed; the checkpoint last: it saves what was recorded
-    callbacks = [guard, evaluator, bar, *([checkpoints.callback(state)] if checkpoints else [])]
+    callbacks = [guard, evaluator, bar, checkpoints.callback(state)]
     # Ctrl-C inside a loop: a checkpoint after the current update; elsewhere (fresh samples) it stops at once
-    with checkpoints.catch_interrupts() if checkpoints else contextlib.nullcontext(), bar:
+    with checkpoints.catch_interrupts(), bar:
         x = algo.run(x0, updates - first, generator=generator, start=first, callbacks=callbacks)
     wall = seconds()
-    fresh = _fresh_samples(potential, init_fn, gamma, config.fresh_steps, config.seed + 4)
+    # fresh samples from p₀ on the learned energy, with a generator seeded identically for every method
+    g = torch.Generator().manual_seed(config.seed + 4)
     with torch.no_grad():
+        fresh = langevin_chain(init_fn(g), potential, config.fresh_steps, step_size=gamma, generator=g)
         mmd_fresh = float(mmd2(fresh, heldout, bandwidths))
         gap_fresh = float(potential(heldout).mean() - potential(fresh).mean())
     sink([{"method": key, "mmd2_fresh": mmd_fresh, "energy_gap_fresh": gap_fresh, "wall_time_s": wall}])
     return MethodResult(
         name=label, updates=updates, sampler_steps=updates * spu, eval_steps=np.array(evaluator.steps),
-        mmd_particles=np.array(evaluator.mmd), energy_gap=np.array(evaluator.gap), mmd_fresh=mmd_fresh,
-        energy_gap_fresh=gap_fresh, particles=x.double().numpy().copy(), fresh=fresh.double().numpy().copy(),
+        mmd_particles=evaluator.column("mmd2_particles"), energy_gap=evaluator.column("energy_gap"),
+        mmd_fresh=mmd_fresh, energy_gap_fresh=gap_fresh, particles=x.double().numpy().copy(),
+        fresh=fresh.double().numpy().copy(),
         state={k: v.detach().clone() for k, v in potential.state_dict().items()}, wall_time=wall,
     )
-
-
-def _part(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _method_state(key: str, m: MethodResult) -> tuple[dict[str, Tensor], dict]:
-    """A finished method's result as checkpoint tensors (``done.KEY.*``) and JSON."""
-    values = np.array([m.mmd_fresh, m.energy_gap_fresh])  # tensors: ±inf allowed, unlike JSON
-    tensors = {f"done.{key}.particles": torch.from_numpy(m.particles), f"done.{key}.fresh": torch.from_numpy(m.fresh),
-               f"done.{key}.mmd_particles": torch.from_numpy(m.mmd_particles.astype(np.float64)),
-               f"done.{key}.energy_gap": torch.from_numpy(m.energy_gap.astype(np.float64)),
-               f"done.{key}.fresh_values": torch.from_numpy(values),
-               **{f"done.{key}.state.{k}": v for k, v in m.state.items()}}
-    meta = {"name": m.name, "updates": m.updates, "sampler_steps": m.sampler_steps,
-            "eval_steps": [int(s) for s in m.eval_steps], "wall_time": m.wall_time}
-    return tensors, meta
-
-
-def _load_method(key: str, tensors: dict[str, Tensor], meta: dict) -> MethodResult:
-    """Inverse of :func:`_method_state`."""
-    saved = meta["finished"][key]
-    mmd_fresh, gap_fresh = tensors[f"done.{key}.fresh_values"].tolist()
-    return MethodResult(
-        name=saved["name"], updates=saved["updates"], sampler_steps=saved["sampler_steps"],
-        eval_steps=np.array(saved["eval_steps"]), mmd_particles=tensors[f"done.{key}.mmd_particles"].numpy().copy(),
-        energy_gap=tensors[f"done.{key}.energy_gap"].numpy().copy(), mmd_fresh=mmd_fresh,
-        energy_gap_fresh=gap_fresh, particles=tensors[f"done.{key}.particles"].numpy().copy(),
-        fresh=tensors[f"done.{key}.fresh"].numpy().copy(), state=_part(tensors, f"done.{key}.state."),
-        wall_time=saved["wall_time"],
-    )
-
-
-def _fresh_samples(potential, init_fn, gamma: float, steps: int, seed: int) -> Tensor:
-    """``steps`` ULA steps on the learned energy from p₀, with a generator seeded identically for every method."""
-    g = torch.Generator().manual_seed(seed)
-    x = init_fn(g)
-    with torch.no_grad():
-        for _ in range(steps):
-            x, _ = ula_step(x, potential, step_size=gamma, generator=g)
-    return x
 
 
 def _add_densities(result: EBMResult, train: Tensor, size: int = 160) -> None:
     """exp(−V) of each method on a grid around the data, normalised so that Σ p · cell area = 1."""
     pts = train.double().numpy()
     lo, hi = pts.min(0) - 1.0, pts.max(0) + 1.0
-    xs, ys = np.linspace(lo[0], hi[0], size), np.linspace(lo[1], hi[1], size)
-    grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
-    cell = (xs[1] - xs[0]) * (ys[1] - ys[0])
     result.grid_extent = (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]))
     for m in result.methods.values():
         net = EnergyMLP(2, hidden=result.config.hidden, depth=result.config.depth).double()
         net.load_state_dict({k: v.double() for k, v in m.state.items()})
-        with torch.no_grad():
-            v = net(torch.from_numpy(grid)).numpy()
-        p = np.exp(-(v - v.min()))
-        m.density = (p / (p.sum() * cell)).reshape(size, size)
+        m.density = grid_density(net, lo, hi, size)
 
 
 Config = EBMConfig
@@ -425,11 +318,11 @@ Config = EBMConfig
 
 def save(result: EBMResult, run_dir) -> list[str]:
     """Write each method's θ (safetensors), a summary (JSON) and the figures; return the file names."""
-    import json
     from pathlib import Path
 
     from ..plotting import ebm as plotting_ebm
-    from ..serialization import atomic_write_text, save_tensors
+    from ..runtime.rundir import write_summary
+    from ..serialization import save_tensors
 
     run_dir = Path(run_dir)
     files = []
@@ -451,8 +344,7 @@ def save(result: EBMResult, run_dir) -> list[str]:
             panels[f"{m.name}: fresh samples"] = m.fresh
         plotting_ebm.plot_image_grids(run_dir / "samples.png", panels)
         files.append("samples.png")
-    # last: a summary.json marks the run complete (``resume`` refuses to continue it)
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    write_summary(run_dir, result.summary())  # after the figures: it marks the run complete
     return files
 
 

@@ -32,8 +32,10 @@ from torch import Tensor
 from ..algorithms import JointBilevel, NestedBilevel, make_optimizer
 from ..errors import ConfigError
 from ..models.regression import Problem, load_problem, minimize_1d
-from ..runtime.recording import ProgressBar
+from ..runtime.progress import ProgressBar
+from ..runtime.tables import columns
 from ..runtime.threads import torch_threads
+from ..runtime.validation import nonnegative, positive
 
 __all__ = ["HyperparameterConfig", "HyperparameterResult", "Trace", "run", "save", "table"]
 
@@ -67,13 +69,9 @@ class HyperparameterConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("num_updates", "inner_steps_per_update", "cg_steps", "outer_lr", "nested_updates",
-                     "nested_max_inner_steps", "nested_max_cg_steps"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
-        for name in ("nested_inner_tol", "nested_cg_tol", "reach_tol"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)!r}")
+        positive(self, "num_updates", "inner_steps_per_update", "cg_steps", "outer_lr", "nested_updates",
+                 "nested_max_inner_steps", "nested_max_cg_steps")
+        nonnegative(self, "nested_inner_tol", "nested_cg_tol", "reach_tol")
         if not 0 < self.train_fraction < 1:
             raise ConfigError(f"config key 'train_fraction' must be in (0, 1), got {self.train_fraction!r}")
         if not self.inner_step_size >= 0:
@@ -221,14 +219,13 @@ Config = HyperparameterConfig
 
 def save(result: HyperparameterResult, run_dir) -> list[str]:
     """Write the summary (JSON) and the figure; return the file names."""
-    import json
     from pathlib import Path
 
     from ..plotting.bilevel import plot_bilevel
-    from ..serialization import atomic_write_text
+    from ..runtime.rundir import write_summary
 
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    write_summary(run_dir, result.summary())
     curves = {k: (t.inner_steps, t.value, t.theta) for k, t in result.traces.items()}
     plot_bilevel(run_dir / "hyperparameter.png", curves,
                  theta_star=result.theta_star, value_star=result.value_star, target=result.target,
@@ -250,9 +247,7 @@ def table(result: HyperparameterResult) -> str:
         wreach = "—" if m["wall_time_to_target_s"] is None else f"{m['wall_time_to_target_s']:.2f}"
         rows.append((name, f"{m['theta_final']:.4f}", f"{m['value_final']:.6f}", str(m["theta_updates"]),
                      str(m["inner_steps"]), str(m["hvps"]), reach, hreach, ireach, wreach, f"{m['wall_time_s']:.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines += [
+    lines = columns(rows) + [
         f"  θ₀ = {s['theta0']:g}, ℓ(θ₀) = {s['value_theta0']:.6f}; inner step η = {s['inner_step_size']:.4g}",
         f"  reference θ* = {s['theta_star']:.4f}, ℓ(θ*) = {s['value_star']:.6f} ({s['reference']})",
         "  ℓ(θ) = f(x*(θ)) with the exact inner solution; 'to target': from then on ℓ(θ_k) ≤ target;",

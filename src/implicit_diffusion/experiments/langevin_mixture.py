@@ -11,7 +11,6 @@ V(·, θ₀) − λ_s R_s (smoothed reward added to the energy).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,26 +20,29 @@ import numpy as np
 import torch
 
 from ..algorithms import NestedLoop, SingleLoop, make_lr_scheduler, make_optimizer
-from ..distributed import all_gather_rows, is_main, rank, world_size
+from ..algorithms.base import run_steps
+from ..distributed import all_gather_rows, is_main, world_size
 from ..errors import ConfigError
 from ..models import (
     HEXAGON_THETA0,
     GaussianMixture,
     Potential,
-    ShiftedPotential,
     TiltedPotential,
     hexagon_mixture,
 )
 from ..objectives import KLToReference, RewardEstimator, hexagon_reward, hexagon_reward_smooth
-from ..objectives.hexagon_exact import MixtureKL, component_reward_expectations
-from ..runtime.checkpoints import Checkpoints, check_checkpoint_every
+from ..objectives.hexagon_exact import ExactEvaluation
+from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
 from ..runtime.guards import DivergenceGuard
-from ..runtime.recording import EvalRecorder, ProgressBar, RewardRecorder
+from ..runtime.progress import ProgressBar
+from ..runtime.recording import EvalRecorder, RewardRecorder, RunningMean
+from ..runtime.state import load_state_of, state_of
+from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
+from ..runtime.validation import nonnegative, positive
 from ..samplers import ula_step
-from ..samplers.blocks import block_generator, blockwise
+from ..samplers.blocks import ParticleBlocks
 from ..samplers.registry import SamplerSetup, sampler_setup
-from ..serialization import load_optimizer_state, optimizer_state
 
 __all__ = ["LangevinMixtureConfig", "LangevinMixtureResult", "run"]
 
@@ -78,10 +80,7 @@ class LangevinMixtureConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # skip: reject non-finite particle moves and θ updates
 
     def __post_init__(self) -> None:
-        positive = ("num_particles", "num_steps", "step_size", "lr", "sampler_steps_per_update", "eval_every")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
+        positive(self, "num_particles", "num_steps", "step_size", "lr", "sampler_steps_per_update", "eval_every")
         if len(self.theta0) != 6:
             raise ConfigError(f"config key 'theta0' must have 6 entries (one per hexagon component), "
                               f"got {len(self.theta0)}")
@@ -93,10 +92,8 @@ class LangevinMixtureConfig:
             raise ConfigError(f"config key 'particle_blocks' must be >= 1 and divide num_particles "
                               f"({self.num_particles}), got {self.particle_blocks}")
         check_checkpoint_every(self.checkpoint_every)
-        if self.num_threads < 0:
-            raise ConfigError(f"config key 'num_threads' must be >= 0 (0 = automatic), got {self.num_threads}")
-        if self.kl_weight < 0:
-            raise ConfigError(f"config key 'kl_weight' must be >= 0, got {self.kl_weight}")
+        nonnegative(self, "num_threads", note="(0 = automatic)")
+        nonnegative(self, "kl_weight")
         if self.sampler == "myula-box" and self.step_size > 1.0:
             raise ConfigError(f"config key 'step_size' must be <= 1 (the MYULA parameter λ) with sampler "
                               f"'myula-box', got {self.step_size}")
@@ -162,16 +159,7 @@ def _problem(config: LangevinMixtureConfig, dtype: torch.dtype) -> _Problem:
     potential = hexagon_mixture(config.theta0, dtype=dtype)
     reference = hexagon_mixture(config.theta0, dtype=torch.float64)  # the preconditioner's V(·, θ₀)
     setup = sampler_setup(config.sampler, config.step_size, reference=reference, reference_points=reference.means)
-    reward_fn = REWARDS[config.reward]
-    if not setup.shift:
-        return _Problem(potential, potential, reward_fn, setup)
-    shifted = ShiftedPotential(potential, setup.shift).to(dtype)
-
-    def shifted_reward(y: torch.Tensor) -> torch.Tensor:
-        return reward_fn(shifted.unshift(y))
-
-    shifted_reward.__name__ = f"{reward_fn.__name__} (translated)"
-    return _Problem(potential, shifted, shifted_reward, setup)
+    return _Problem(potential, *setup.translate(potential, REWARDS[config.reward], dtype), setup)
 
 
 def run(
@@ -190,17 +178,13 @@ def run(
 
 
 def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints | None) -> LangevinMixtureResult:
+    checkpoints = checkpoints or NoCheckpoints()
     dtype = getattr(torch, config.dtype)
-    blocks = _local_blocks(config)
-    generators = [block_generator(config.seed, b, config.particle_blocks) for b in blocks]
-    generator = generators[0] if len(generators) == 1 else tuple(generators)
+    _check_sharding(config)
+    blocks = ParticleBlocks(config.seed, config.particle_blocks, config.num_particles)
     problem = _problem(config, dtype)
     potential, setup = problem.potential, problem.setup
-    means = potential.means.double().numpy()
-    theta0_weights = torch.softmax(torch.tensor(config.theta0, dtype=torch.float64), 0).numpy()
-    reward_fn = REWARDS[config.reward]
-    component_rewards = component_reward_expectations(means, 1.0, config.reward)
-    mixture_kl = MixtureKL(means, 1.0, theta0_weights)
+    exact = ExactEvaluation(potential.means.double().numpy(), 1.0, config.reward, config.theta0)
 
     estimator = RewardEstimator(problem.reward_fn, config.reward_weight)
     if config.kl_weight > 0:
@@ -213,7 +197,7 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
         estimator,
         optimizer,
         step_size=setup.step_size,
-        sampler=setup.step if len(generators) == 1 else blockwise(setup.step),
+        sampler=blocks.step(setup.step),
         sampler_steps_per_update=config.sampler_steps_per_update,
         lr_scheduler=lr_scheduler,
         nonfinite="skip" if config.on_nonfinite == "skip" else "update",
@@ -223,57 +207,49 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
     num_steps = config.num_steps
     snapshot_steps = sorted({min(s, num_steps) for s in config.snapshot_steps} | {num_steps})
     rewards = RewardRecorder(num_steps, sink, dtype=dtype)
-    evals = EvalRecorder(
-        potential, config.eval_every, num_steps, component_rewards, mixture_kl, snapshot_steps, sink,
-        gather=all_gather_rows,  # snapshots hold every process's particles
-    )
-    acceptance = _AcceptanceMean()
     shift = setup.shift
-    first = checkpoints.start if checkpoints else 0
+
+    def snapshot(done: int, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Every process's particles, and the weights softmax(θ)."""
+        w = torch.softmax(potential.logits.detach().double(), 0).numpy()
+        return all_gather_rows(y.detach()).double().numpy().copy(), w
+
+    # exact E_{π*(θ)}[R], KL(π*(θ)‖π*(θ₀)) and weights every eval_every updates
+    evals = EvalRecorder(lambda done, y: exact(potential.logits), config.eval_every, num_steps, sink,
+                         snapshot=snapshot, snapshot_steps=snapshot_steps)
+    acceptance = RunningMean("acceptance_rate")
+    first = checkpoints.start
     bar = ProgressBar(num_steps, f"single loop ({config.sampler})", enabled=config.progress and is_main(),
                       initial=first)
     guard = DivergenceGuard(potential.parameters(), f"a smaller step_size (now {config.step_size:g}) or lr "
                                                      f"(now {config.lr:g})")
     # the guard first: nothing non-finite is recorded, evaluated or checkpointed
+    # evaluations see the target's coordinates (the sampler's are translated by ``shift``)
     callbacks = [guard, rewards, (lambda k, y, st: evals(k, y - shift, st)) if shift else evals, acceptance, bar]
+    # everything the loop needs to continue bit for bit, but the particles and the primal-dual dual iterate
+    parts = {"potential": potential, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "rewards": rewards,
+             "evals": evals, "acceptance": acceptance, **blocks.named_generators()}
 
     def state(done: int, x: torch.Tensor) -> tuple[dict, dict]:
-        """Everything the loop needs to continue after ``done`` updates, bit for bit."""
-        (t_r, m_r), (t_e, m_e) = rewards.state(), evals.state()
-        t_o, m_o = optimizer_state(optimizer)
+        tensors, meta = state_of(parts)
         dual = getattr(setup.step, "dual", None)  # primal-dual Langevin's dual iterate
-        tensors = {**{f"potential.{k}": v for k, v in potential.state_dict().items()}, "particles": x,
-                   **({"sampler.dual": dual} if dual is not None else {}),
-                   **{f"generator.{b}": g.get_state() for b, g in zip(blocks, generators)},
-                   **t_r, **t_e, **t_o, **acceptance.state()}
-        return tensors, {"rewards": m_r, "evals": m_e, "optimizer": m_o, "acceptance_count": acceptance.count,
-                         "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler else None}
+        return {**tensors, "particles": x, **({"sampler.dual": dual} if dual is not None else {})}, meta
 
-    per_block = config.num_particles // config.particle_blocks
-    x = torch.cat([_initial_particles(per_block, g, dtype) for g in generators])
-    if checkpoints and checkpoints.resumed:
+    x = blocks.initial(lambda n, g: _initial_particles(n, g, dtype))
+    if checkpoints.resumed:
         tensors, saved = checkpoints.state
-        potential.load_state_dict({k[len("potential."):]: v for k, v in tensors.items() if k.startswith("potential.")})
-        load_optimizer_state(optimizer, tensors, saved["optimizer"])
-        if lr_scheduler is not None:
-            lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        for b, g in zip(blocks, generators):
-            g.set_state(tensors[f"generator.{b}"])
-        rewards.load_state(tensors, saved["rewards"])
-        evals.load_state(tensors, saved["evals"])
-        acceptance.load_state(tensors, saved["acceptance_count"])
+        load_state_of(parts, tensors, saved)
         x = tensors["particles"].to(dtype)
         if "sampler.dual" in tensors:
             setup.step.dual = tensors["sampler.dual"]
     else:
         evals.record(0, x)
         x = x + shift
-    if checkpoints:
-        callbacks.append(checkpoints.callback(state))  # last: it saves what the others recorded
+    callbacks.append(checkpoints.callback(state))  # last: it saves what the others recorded
     start = time.perf_counter()
     try:
-        with checkpoints.catch_interrupts() if checkpoints else contextlib.nullcontext(), bar:
-            x = algo.run(x, num_steps - first, generator=generator, start=first, callbacks=callbacks)
+        with checkpoints.catch_interrupts(), bar:
+            x = algo.run(x, num_steps - first, generator=blocks.generator, start=first, callbacks=callbacks)
     finally:  # an interrupted run still leaves every recorded step in the metrics
         rewards.flush()
     wall = time.perf_counter() - start
@@ -282,25 +258,25 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
         config=config,
         rewards=rewards.values(),
         eval_steps=np.array(evals.steps),
-        exact_rewards=np.array(evals.exact_rewards),
-        kls=np.array(evals.kls),
-        weights=np.array(evals.weights),
+        exact_rewards=evals.column("exact_reward"),
+        kls=evals.column("kl"),
+        weights=evals.column("weights"),
         theta=potential.logits.detach().double().numpy().copy(),
-        snapshots=evals.snapshots,
-        snapshot_weights=evals.snapshot_weights,
+        snapshots={step: particles for step, (particles, _) in evals.snapshots.items()},
+        snapshot_weights={step: w for step, (_, w) in evals.snapshots.items()},
         wall_time=wall,
-        reward_initial_exact=float(theta0_weights @ component_rewards),
-        reward_optimum=float(component_rewards.max()),
+        reward_initial_exact=exact.reward_initial,
+        reward_optimum=exact.reward_optimum,
         acceptance_rate=acceptance.mean(),
     )
     if config.compare:
-        result.comparisons = _comparisons(config, dtype, reward_fn)
+        result.comparisons = _comparisons(config, dtype, REWARDS[config.reward])
     return result
 
 
-def _local_blocks(config: LangevinMixtureConfig) -> range:
-    """The particle blocks this process holds: all of them, or its 1/W share under torchrun."""
-    world, r = world_size(), rank()
+def _check_sharding(config: LangevinMixtureConfig) -> None:
+    """Under torchrun each of the W processes holds particle_blocks/W blocks of particles."""
+    world = world_size()
     if config.particle_blocks % world:
         raise ConfigError(f"with {world} processes, config key 'particle_blocks' must be a multiple of {world} "
                           f"(each process holds particle_blocks/{world} blocks), got {config.particle_blocks}")
@@ -311,31 +287,6 @@ def _local_blocks(config: LangevinMixtureConfig) -> range:
         raise ConfigError("sampler 'primal-dual-box' keeps one dual iterate per particle batch: config key "
                           f"'particle_blocks' must equal the number of processes ({world}), "
                           f"got {config.particle_blocks}")
-    return range(r * share, (r + 1) * share)
-
-
-class _AcceptanceMean:
-    """Callback: the mean of ``stats["acceptance_rate"]`` over the run (None if never reported)."""
-
-    def __init__(self) -> None:
-        self.total: torch.Tensor | float = 0.0
-        self.count = 0
-
-    def __call__(self, k: int, x: torch.Tensor, stats: dict) -> None:
-        rate = stats.get("acceptance_rate")
-        if rate is not None:
-            self.total = self.total + rate  # stays on the device: no host sync per step
-            self.count += 1
-
-    def mean(self) -> float | None:
-        return float(self.total) / self.count if self.count else None
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"acceptance_total": torch.as_tensor(self.total).clone()}
-
-    def load_state(self, tensors: dict[str, torch.Tensor], count: int) -> None:
-        self.count = int(count)
-        self.total = tensors["acceptance_total"] if self.count else 0.0
 
 
 def _comparisons(config: LangevinMixtureConfig, dtype: torch.dtype, reward_fn) -> dict[str, Curve]:
@@ -365,16 +316,17 @@ def _comparisons(config: LangevinMixtureConfig, dtype: torch.dtype, reward_fn) -
 
     generator = torch.Generator().manual_seed(config.seed)
     tilted = TiltedPotential(hexagon_mixture(config.theta0, dtype=dtype), hexagon_reward_smooth, config.tilt_weight)
-    x = _initial_particles(config.num_particles, generator, dtype)
-    values = torch.empty(budget, dtype=dtype)
-    with ProgressBar(budget, f"V − {config.tilt_weight:g}·R_s", enabled=config.progress) as bar, torch.no_grad():
-        for k in range(budget):
-            x, _ = ula_step(x, tilted, step_size=config.step_size, generator=generator)
-            values[k] = reward_fn(x).mean()
-            bar(k, x, {})
-    out[f"V − {config.tilt_weight:g}·R_s"] = Curve(np.arange(1, budget + 1), values.double().numpy())
-    return out
 
+    def tilted_step(x: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
+        x, _ = ula_step(x, tilted, step_size=config.step_size, generator=generator)
+        return x, {"reward": reward_fn(x).mean()}
+
+    rec = RewardRecorder(budget, lambda r: None, dtype=dtype)
+    with ProgressBar(budget, f"V − {config.tilt_weight:g}·R_s", enabled=config.progress) as bar, torch.no_grad():
+        run_steps(tilted_step, _initial_particles(config.num_particles, generator, dtype), budget,
+                  callbacks=[rec, bar])
+    out[f"V − {config.tilt_weight:g}·R_s"] = Curve(np.arange(1, budget + 1), rec.values())
+    return out
 
 
 Config = LangevinMixtureConfig
@@ -387,32 +339,26 @@ def save(result: LangevinMixtureResult, run_dir) -> list[str]:
 
     from ..objectives.rewards import REWARD_CENTRE
     from ..plotting import langevin as plotting
-    from ..serialization import atomic_write_text, save_tensors
+    from ..runtime.rundir import write_summary
+    from ..serialization import save_tensors
 
     run_dir = Path(run_dir)
     cfg = result.config
     save_tensors(run_dir / "theta.safetensors", {"theta": torch.from_numpy(result.theta)},
                  {"weights": json.dumps(result.weights[-1].tolist())})
     means = hexagon_mixture(cfg.theta0, dtype=torch.float64).means.numpy()
-    plotting.plot_particle_clouds(
-        run_dir / "particles.png", result.snapshots, result.snapshot_weights, means, reward_centre=REWARD_CENTRE
-    )
-    s = cfg.sampler_steps_per_update
-    curves = {"Implicit Diffusion (single loop)": (np.arange(1, len(result.rewards) + 1) * s, result.rewards)}
-    curves.update({k: (c.sampler_steps, c.values) for k, c in result.comparisons.items()})
-    plotting.plot_reward_curves(
-        run_dir / "reward.png",
-        curves,
-        exact=(np.maximum(result.eval_steps, 1) * s, result.exact_rewards),
-        hlines={"optimum (all mass on c₂)": result.reward_optimum, "E_π*(θ₀)[R]": result.reward_initial_exact},
-        kl=(np.maximum(result.eval_steps, 1) * s, result.kls),
-    )
-    plotting.plot_mixture_weights(
-        run_dir / "weights.png", result.eval_steps, result.weights, [f"c{i + 1}" for i in range(6)]
-    )
-    # last: a summary.json marks the run complete (``resume`` refuses to continue it)
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
-    return ["theta.safetensors", "particles.png", "reward.png", "weights.png", "summary.json"]
+    plotting.plot_particle_clouds(run_dir / "particles.png", result.snapshots, result.snapshot_weights, means,
+                                  reward_centre=REWARD_CENTRE)
+    s = cfg.sampler_steps_per_update  # x axes in sampler steps
+    curves = {"Implicit Diffusion (single loop)": (np.arange(1, len(result.rewards) + 1) * s, result.rewards),
+              **{k: (c.sampler_steps, c.values) for k, c in result.comparisons.items()}}
+    evals = np.maximum(result.eval_steps, 1) * s
+    plotting.plot_reward_curves(run_dir / "reward.png", curves, exact=(evals, result.exact_rewards),
+                                kl=(evals, result.kls), hlines={"optimum (all mass on c₂)": result.reward_optimum,
+                                                                "E_π*(θ₀)[R]": result.reward_initial_exact})
+    plotting.plot_mixture_weights(run_dir / "weights.png", result.eval_steps, result.weights,
+                                  [f"c{i + 1}" for i in range(6)])
+    return ["theta.safetensors", "particles.png", "reward.png", "weights.png", write_summary(run_dir, result.summary())]
 
 
 def table(result: LangevinMixtureResult) -> str:
@@ -432,5 +378,4 @@ def table(result: LangevinMixtureResult) -> str:
     for name, curve in result.comparisons.items():
         tail = max(1, len(curve.values) // 10)
         rows.append((f"{name}: mean reward, last 10% of steps", f"{curve.values[-tail:].mean():.4f}"))
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"  {a:<{width}}  {b}" for a, b in rows)
+    return key_values(rows)

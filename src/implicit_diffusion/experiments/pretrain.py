@@ -20,8 +20,6 @@ stops the run at once (:class:`~implicit_diffusion.errors.DivergenceError`, sugg
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,9 +30,12 @@ import torch
 
 from ..data.builtin import TWO_D_DATASETS
 from ..errors import ConfigError
-from ..runtime.checkpoints import Checkpoints, check_checkpoint_every
+from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
 from ..runtime.guards import DivergenceGuard
-from ..runtime.recording import ProgressBar
+from ..runtime.progress import ProgressBar
+from ..runtime.tables import key_values
+from ..runtime.threads import torch_threads
+from ..runtime.validation import positive
 from ..samplers.schedules import SCHEDULE_KINDS, VPSchedule
 
 __all__ = ["DATASETS", "Config", "Result", "run", "save", "table", "load_training_data", "build_model"]
@@ -77,10 +78,8 @@ class Config:
             raise ConfigError(f"--data is for the data sets {', '.join(FILE_DATASETS)}, not {self.dataset!r}")
         if self.schedule not in SCHEDULE_KINDS:
             raise ConfigError(f"config key 'schedule': unknown {self.schedule!r}; allowed: {', '.join(SCHEDULE_KINDS)}")
-        for name in ("num_points", "patch_size", "num_steps", "batch_size", "lr", "base_channels", "hidden",
-                     "num_samples", "sampling_steps"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
+        positive(self, "num_points", "patch_size", "num_steps", "batch_size", "lr", "base_channels", "hidden",
+                 "num_samples", "sampling_steps")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"config key 'ema_decay' must be in [0, 1), got {self.ema_decay!r}")
         check_checkpoint_every(self.checkpoint_every)
@@ -173,10 +172,8 @@ def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = 
     from ..training.pretrain import DSMTrainer
 
     sink = metrics_sink or (lambda records: None)
-    previous = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    try:
+    checkpoints = checkpoints or NoCheckpoints()
+    with torch_threads(config.num_threads):
         generator = torch.Generator().manual_seed(config.seed)
         data = load_training_data(config, generator)
         schedule = VPSchedule(config.schedule, num_steps=config.sampling_steps)
@@ -188,7 +185,7 @@ def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = 
                              ema_decay=config.ema_decay, max_grad_norm=config.max_grad_norm)
         log = _LossLog(sink, config.num_steps)
         first, before = 0, 0.0  # steps done and training seconds before this process (resume)
-        if checkpoints and checkpoints.resumed:
+        if checkpoints.resumed:
             tensors, saved = checkpoints.state
             first, before = trainer.load_state(tensors, saved["trainer"]), saved["wall_time"]
         start = time.perf_counter()
@@ -202,11 +199,10 @@ def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = 
         bar = ProgressBar(config.num_steps, f"pretrain {config.dataset}", enabled=config.progress, initial=first)
         # the guard first: a non-finite θ is neither logged nor checkpointed
         callbacks = [lambda k, _l: guard(k, _NO_PARTICLES, {}), log, lambda k, _l: bar(k, None, {})]
-        if checkpoints:
-            save_checkpoint = checkpoints.callback(state)
-            callbacks.append(lambda k, _l: save_checkpoint(k, _NO_PARTICLES, {}))  # last: it saves what was logged
+        save_checkpoint = checkpoints.callback(state)
+        callbacks.append(lambda k, _l: save_checkpoint(k, _NO_PARTICLES, {}))  # last: it saves what was logged
         try:
-            with checkpoints.catch_interrupts() if checkpoints else contextlib.nullcontext(), bar:
+            with checkpoints.catch_interrupts(), bar:
                 info = trainer.run(first, callbacks)
         finally:  # a run stopped early still leaves every logged step in the metrics
             log.flush()
@@ -217,8 +213,6 @@ def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = 
             x_init = torch.randn((n, *data.shape[1:]), generator=generator)
             samples = sample(ddpm_step, ema, x_init, schedule=schedule, generator=generator, prediction=ema.prediction)
         idx = torch.randperm(data.shape[0], generator=generator)[:n]
-    finally:
-        torch.set_num_threads(previous)
     return Result(config, ema, schedule, info.losses.numpy(), data[idx], samples,
                   sum(p.numel() for p in ema.parameters()), wall)
 
@@ -244,7 +238,7 @@ def save(result: Result, run_dir) -> list[str]:
     return the file names."""
     from ..models.io import save_score_model
     from ..plotting.diffusion import plot_image_grids, plot_loss_curve, plot_points
-    from ..serialization import atomic_write_text
+    from ..runtime.rundir import write_summary
 
     run_dir = Path(run_dir)
     extra = {"dataset": result.config.dataset, "data_shape": list(result.data_sample.shape[1:]),
@@ -258,8 +252,7 @@ def save(result: Result, run_dir) -> list[str]:
     else:
         plot_points(run_dir / "samples.png", [("training data", result.data_sample.numpy()),
                                               ("samples (EMA model)", result.samples.numpy())])
-    # last: a summary.json marks the run complete (``resume`` refuses to continue it)
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    write_summary(run_dir, result.summary())  # after the figures: it marks the run complete
     return ["model.safetensors", "loss.png", "samples.png", "summary.json"]
 
 
@@ -270,5 +263,4 @@ def table(result: Result) -> str:
             ("parameters", f"{s['num_params']:,}"),
             ("DSM loss, first → last 10% of steps", f"{s['loss_first_10%']:.4f} → {s['loss_last_10%']:.4f}"),
             ("training time", f"{s['wall_time_s']:.1f} s")]
-    width = max(len(a) for a, _ in rows)
-    return "\n".join(f"  {a:<{width}}  {b}" for a, b in rows)
+    return key_values(rows)

@@ -41,8 +41,10 @@ from ..models import GaussianPotential
 from ..models.gaussian_reward import GaussianRewardProblem
 from ..objectives import RewardEstimator
 from ..runtime.guards import DivergenceGuard
-from ..runtime.recording import ProgressBar
+from ..runtime.progress import ProgressBar
+from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
+from ..runtime.validation import nonnegative, positive
 
 __all__ = ["Config", "QUANTITIES", "Result", "RULES", "THEORY_EXPONENTS", "problem", "run", "run_single", "save",
            "step_rules", "table", "time_axis"]
@@ -77,11 +79,8 @@ class Config:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("bump_width", "variance", "num_particles", "num_steps", "step_size", "constant_step", "dt",
-                    "lr", "num_seeds")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
+        positive(self, "bump_width", "variance", "num_particles", "num_steps", "step_size", "constant_step", "dt",
+                 "lr", "num_seeds")
         if self.num_particles < 2:
             raise ConfigError(f"config key 'num_particles' must be >= 2 (Γ_R is a covariance), "
                               f"got {self.num_particles}")
@@ -103,8 +102,7 @@ class Config:
                                   f"(ULA diverges above), got {getattr(self, name)!r}")
         if not 0 < self.fit_from < 1:
             raise ConfigError(f"config key 'fit_from' must be in (0, 1), got {self.fit_from!r}")
-        if self.num_threads < 0:
-            raise ConfigError(f"config key 'num_threads' must be >= 0 (0 = automatic), got {self.num_threads}")
+        nonnegative(self, "num_threads", note="(0 = automatic)")
 
 
 def step_rules(config: Config, rule: str) -> tuple[Callable[[int], float], Callable[[int], float]]:
@@ -239,14 +237,13 @@ def _run(config: Config, sink: Callable[[list[dict]], None]) -> Result:
 
 def save(result: Result, run_dir) -> list[str]:
     """Write summary.json, rates.png (log-log A_K with fits and reference lines) and theta.png."""
-    import json
     from pathlib import Path
 
     from ..plotting.rates import RateCurves, plot_rates, plot_theta_distance
-    from ..serialization import atomic_write_text
+    from ..runtime.rundir import write_summary
 
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+    write_summary(run_dir, result.summary())
     cfg = result.config
     curves = {rule: RateCurves(*time_axis(cfg, rule), result.curve(rule, "average"), result.curve(rule, "tail"),
                                {q: result.fits[rule, q] for q in QUANTITIES}) for rule in result.rules}
@@ -273,5 +270,4 @@ def table(result: Result) -> str:
         rows.append((f"{rule}: bound exponent, |θ_K − θ*|",
                      f"{'none' if theory is None else f'{theory:+.3f}'}, {dist:.3g}"))
     rows.append(("wall time", f"{result.wall_time:.1f} s"))
-    width = max(len(a) for a, _ in rows)
-    return "\n".join(f"  {a:<{width}}  {b}" for a, b in rows)
+    return key_values(rows)

@@ -16,8 +16,10 @@ Stochastic Sampling*, arXiv 2402.05468 (AISTATS 2025), §2 and §5.1.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -30,6 +32,7 @@ __all__ = [
     "GaussianPotential",
     "EnergyMLP",
     "as_potential",
+    "grid_density",
     "autograd_energy_grad",
 ]
 
@@ -196,6 +199,40 @@ class EnergyMLP(Potential):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).squeeze(-1)
+
+    def reset_parameters(self, generator: torch.Generator) -> EnergyMLP:
+        """Redraw θ from ``generator`` with ``nn.Linear``'s default law, U(±1/√fan_in) for every
+        weight and bias, layer by layer (the default initialisation draws from the global RNG,
+        which library code never touches). Returns ``self``."""
+        with torch.no_grad():
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    bound = 1.0 / math.sqrt(layer.in_features)
+                    for p in (layer.weight, layer.bias):
+                        p.copy_((torch.rand(p.shape, generator=generator, dtype=p.dtype, device=p.device) * 2 - 1)
+                                * bound)
+        return self
+
+
+def grid_density(energy: Callable[[Tensor], Tensor], lo: Sequence[float], hi: Sequence[float],
+                 size: int) -> np.ndarray:
+    """exp(−V) of a 2-D potential on a ``size`` × ``size`` grid over [lo, hi], normalised so that
+    Σ p · cell area = 1; shape ``(size, size)``, row i at the i-th value of the second coordinate.
+
+    ``energy`` maps points ``(size², 2)`` (float64) to energies ``(size²,)``; evaluated without
+    gradients.
+
+    >>> p = grid_density(lambda x: 0.5 * (x**2).sum(-1), (-6.0, -6.0), (6.0, 6.0), 121)
+    >>> round(float(p.max()), 4)  # 1/(2π) at the mode of N(0, I)
+    0.1592
+    """
+    xs, ys = np.linspace(lo[0], hi[0], size), np.linspace(lo[1], hi[1], size)
+    grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+    cell = (xs[1] - xs[0]) * (ys[1] - ys[0])
+    with torch.no_grad():
+        v = energy(torch.from_numpy(grid)).numpy()
+    p = np.exp(-(v - v.min()))
+    return (p / (p.sum() * cell)).reshape(size, size)
 
 
 def _add_grad(p: Tensor, g: Tensor) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from .rewards import REWARD_CENTRE
 
-__all__ = ["component_reward_expectations", "MixtureKL"]
+__all__ = ["ExactEvaluation", "MixtureKL", "component_reward_expectations"]
 
 _S2 = 10.0  # exp(−q/20) = exp(−q/(2 s²)) with s² = 10
 
@@ -81,3 +81,29 @@ class MixtureKL:
     def __call__(self, weights) -> float:
         p = self._densities @ torch.as_tensor(np.asarray(weights), dtype=torch.float64)
         return float(p @ (torch.log(p) - self._log_q) * self._cell)
+
+
+class ExactEvaluation:
+    """The §5.1 quantities of π*(θ) = Σₖ softmax(θ)ₖ N(cₖ, σ²I), exactly, from θ alone.
+
+    ``self(logits)`` → ``{"exact_reward": E_{π*(θ)}[R] = Σₖ wₖ eₖ, "kl": KL(π*(θ)‖π*(θ₀)),
+    "weights": w}`` with w = softmax(θ) (float64); ``reward_initial`` is E_{π*(θ₀)}[R] and
+    ``reward_optimum`` = maxₖ eₖ (all the mass on the best component).
+
+    >>> import torch
+    >>> from implicit_diffusion.models import hexagon_centres
+    >>> ev = ExactEvaluation(hexagon_centres(dtype=torch.float64).numpy(), 1.0, "indicator", [0.0] * 6)
+    >>> round(ev.reward_optimum, 4), ev(torch.zeros(6))["kl"] == 0.0
+    (0.2983, True)
+    """
+
+    def __init__(self, means: np.ndarray, variance: float, reward: str, theta0) -> None:
+        self.component_rewards = component_reward_expectations(means, variance, reward)
+        theta0_weights = torch.softmax(torch.as_tensor(theta0, dtype=torch.float64), 0).numpy()
+        self.mixture_kl = MixtureKL(means, variance, theta0_weights)
+        self.reward_initial = float(theta0_weights @ self.component_rewards)
+        self.reward_optimum = float(self.component_rewards.max())
+
+    def __call__(self, logits: torch.Tensor) -> dict:
+        w = torch.softmax(logits.detach().double(), 0).numpy()
+        return {"exact_reward": float(w @ self.component_rewards), "kl": self.mixture_kl(w), "weights": w}

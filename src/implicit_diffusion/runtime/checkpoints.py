@@ -48,6 +48,7 @@ __all__ = [
     "CHECKPOINT_FILE",
     "CHECKPOINT_FORMAT",
     "Checkpoints",
+    "NoCheckpoints",
     "RunInterrupted",
     "check_checkpoint_every",
     "load_checkpoint",
@@ -56,7 +57,8 @@ __all__ = [
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "implicit-diffusion/checkpoint"
-_VERSION = "1"
+# 2: the run state is saved by part (runtime.state); a version-1 checkpoint names its tensors otherwise
+_VERSION = "2"
 
 
 def save_checkpoint(path: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
@@ -185,3 +187,18 @@ class Checkpoints:
         finally:
             signal.signal(signal.SIGINT, previous)
             self._interrupted = False
+
+
+class NoCheckpoints:
+    """What an experiment uses when it is run without a run directory (``run(config)`` from Python):
+    nothing is saved or resumed, and Ctrl-C interrupts at once. It has the interface of
+    :class:`Checkpoints`, so a run loop needs no special case."""
+
+    start = 0
+    resumed = None
+
+    def callback(self, state_fn: StateFn) -> Callable[[int, Tensor, dict], None]:
+        return lambda k, x, stats: None
+
+    def catch_interrupts(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()

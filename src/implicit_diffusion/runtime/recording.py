@@ -1,26 +1,33 @@
-"""Loop callbacks of the Langevin experiments: metric buffers, exact evaluations, a progress bar.
+"""Loop callbacks that record: per-step statistics, periodic evaluations, running means.
 
-Callbacks have the signature ``callback(k, particles, stats)`` and run after θ update k.
-Per-step statistics stay on the device in a preallocated buffer and leave it in blocks, so
-the loop never waits on a host synchronisation.
+Callbacks have the signature ``callback(k, particles, stats)`` and run after θ update k (see
+:mod:`implicit_diffusion.algorithms.base`). Per-step statistics stay on the device in a
+preallocated buffer and leave it in blocks, so the loop never waits on a host synchronisation.
+Every recorder has ``state(prefix)`` / ``load_state(tensors, meta, prefix)`` for checkpoints
+(:func:`~implicit_diffusion.runtime.state.state_of`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["RewardRecorder", "EvalRecorder", "ProgressBar"]
+from .state import pack, unpack
+
+__all__ = ["EvalRecorder", "RewardRecorder", "RunningMean"]
+
+Sink = Callable[[list[dict]], None]
 
 
 class RewardRecorder:
     """Keeps ``stats["reward"]`` of every step; hands ``{"step", "reward"}`` records to ``sink`` per block."""
 
-    def __init__(self, num_steps: int, sink: Callable[[list[dict]], None], *, block: int = 1000,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, num_steps: int, sink: Sink, *, block: int = 1000, dtype: torch.dtype = torch.float32):
         self._buf = torch.full((num_steps,), float("nan"), dtype=dtype)
         self._sink = sink
         self._block = block
@@ -58,90 +65,90 @@ class RewardRecorder:
 
 
 class EvalRecorder:
-    """Every ``every`` updates: exact E_{π*(θ)}[R] = Σₖ softmax(θ)ₖ eₖ, KL(π*(θ)‖π*(θ₀)), weights."""
+    """Evaluations every ``every`` steps, after the last update, and snapshots at chosen steps.
 
-    def __init__(self, potential, every: int, num_steps: int, component_rewards: np.ndarray,
-                 mixture_kl: Callable[[np.ndarray], float], snapshot_steps: list[int],
-                 sink: Callable[[list[dict]], None], gather: Callable[[Tensor], Tensor] = lambda x: x):
-        self.potential = potential
-        self.every = every
-        self.num_steps = num_steps
-        self.component_rewards = component_rewards
-        self.mixture_kl = mixture_kl
-        self.snapshot_steps = set(snapshot_steps)
-        self.sink = sink
-        self.gather = gather  # the particles of a snapshot from every process (sharded runs)
+    Steps are counted in the run's own unit: update k (0-based) ends at step
+    ``done = (k + 1)·steps_per_update`` (sampler steps when ``steps_per_update`` is the number of
+    sampler steps per θ update, θ updates when it is 1). An evaluation is due when ``done`` crosses
+    a multiple of ``every``, or after update ``num_updates − 1``; :meth:`record` also evaluates on
+    demand (the initial state, step 0).
+
+    An evaluation calls ``measure(done, x) -> {name: number or array}``, keeps each value
+    (``values[name]``, in step order, with ``steps``) and hands ``{**labels, step_key: done, **values}``
+    to ``sink`` (arrays as lists). At the steps in ``snapshot_steps`` (evaluated or not) it also keeps
+    ``snapshot(done, x)`` (arrays, tensors, tuples of them) in ``snapshots[done]``. ``seconds`` is the
+    time spent evaluating (so that a loop's timing can leave it out).
+    """
+
+    def __init__(self, measure: Callable[[int, Tensor], dict[str, Any]], every: int, num_updates: int, sink: Sink, *,
+                 steps_per_update: int = 1, step_key: str = "step", labels: dict[str, Any] | None = None,
+                 snapshot: Callable[[int, Tensor], Any] | None = None, snapshot_steps: Iterable[int] = ()):
+        self.measure, self.every, self.num_updates, self.sink = measure, every, num_updates, sink
+        self.steps_per_update, self.step_key, self.labels = steps_per_update, step_key, dict(labels or {})
+        self.snapshot, self.snapshot_steps = snapshot, set(snapshot_steps)
         self.steps: list[int] = []
-        self.exact_rewards: list[float] = []
-        self.kls: list[float] = []
-        self.weights: list[np.ndarray] = []
-        self.snapshots: dict[int, np.ndarray] = {}
-        self.snapshot_weights: dict[int, np.ndarray] = {}
+        self.values: dict[str, list] = {}
+        self.snapshots: dict[int, Any] = {}
+        self.seconds = 0.0
 
     def __call__(self, k: int, x: Tensor, stats: dict) -> None:
-        done = k + 1  # θ updates so far
-        if done % self.every == 0 or done == self.num_steps or done in self.snapshot_steps:
+        done = (k + 1) * self.steps_per_update
+        if done // self.every > (done - self.steps_per_update) // self.every or k + 1 == self.num_updates:
             self.record(done, x)
+        elif done in self.snapshot_steps:
+            self._snapshot(done, x)
 
     def record(self, done: int, x: Tensor) -> None:
-        w = torch.softmax(self.potential.logits.detach().double(), 0).numpy()
-        if done in self.snapshot_steps:
-            self.snapshots[done] = self.gather(x.detach()).double().numpy().copy()
-            self.snapshot_weights[done] = w
-        if done % self.every and done != self.num_steps and done != 0:
-            return
+        """Evaluate now, at step ``done`` (and take the snapshot if ``done`` is a snapshot step)."""
+        start = time.perf_counter()
+        values = self.measure(done, x)
         self.steps.append(done)
-        self.exact_rewards.append(float(w @ self.component_rewards))
-        self.kls.append(self.mixture_kl(w))
-        self.weights.append(w)
-        self.sink([{"step": done, "exact_reward": self.exact_rewards[-1], "kl": self.kls[-1],
-                    "weights": w.tolist()}])
+        for name, value in values.items():
+            self.values.setdefault(name, []).append(value)
+        self.sink([{**self.labels, self.step_key: done,
+                    **{n: v.tolist() if isinstance(v, np.ndarray) else v for n, v in values.items()}}])
+        self._snapshot(done, x)
+        self.seconds += time.perf_counter() - start
 
+    def _snapshot(self, done: int, x: Tensor) -> None:
+        if self.snapshot is not None and done in self.snapshot_steps:
+            self.snapshots[done] = self.snapshot(done, x)
+
+    def column(self, name: str) -> np.ndarray:
+        """``values[name]`` as an array, one row per evaluation."""
+        return np.array(self.values.get(name, []))
 
     def state(self, prefix: str = "evals") -> tuple[dict[str, Tensor], dict]:
         """Checkpoint: the evaluations and snapshots so far."""
-        weights = np.array(self.weights, dtype=np.float64).reshape(len(self.weights), -1)
-        tensors = {f"{prefix}.weights": torch.from_numpy(weights)}
-        for step, arr in self.snapshots.items():
-            tensors[f"{prefix}.snapshot.{step}"] = torch.from_numpy(arr)
-            tensors[f"{prefix}.snapshot_weights.{step}"] = torch.from_numpy(self.snapshot_weights[step])
-        return tensors, {"steps": self.steps, "exact_rewards": self.exact_rewards, "kls": self.kls,
-                         "snapshot_steps": sorted(self.snapshots)}
+        tensors, tree = pack({"values": self.values, "snapshots": self.snapshots}, prefix)
+        return tensors, {"steps": self.steps, "seconds": self.seconds, "packed": tree}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str = "evals") -> None:
-        self.steps = list(meta["steps"])
-        self.exact_rewards = list(meta["exact_rewards"])
-        self.kls = list(meta["kls"])
-        self.weights = list(tensors[f"{prefix}.weights"].numpy())
-        self.snapshots = {s: tensors[f"{prefix}.snapshot.{s}"].numpy() for s in meta["snapshot_steps"]}
-        self.snapshot_weights = {s: tensors[f"{prefix}.snapshot_weights.{s}"].numpy() for s in meta["snapshot_steps"]}
+        saved = unpack(meta["packed"], tensors)
+        self.values, self.snapshots = saved["values"], saved["snapshots"]
+        self.steps, self.seconds = list(meta["steps"]), meta["seconds"]
 
 
-class ProgressBar:
-    """A tqdm bar as a loop callback, updated every ``chunk`` steps to keep the loop cheap."""
+class RunningMean:
+    """Callback: the mean of ``stats[key]`` over the updates that report it (None if none did)."""
 
-    def __init__(self, total: int, desc: str, *, enabled: bool = True, chunk: int = 50, initial: int = 0):
-        self.total = total
-        self.desc = desc
-        self.enabled = enabled
-        self.chunk = chunk
-        self._bar = None
-        self._shown = initial  # a resumed run starts part-way
-
-    def __enter__(self) -> ProgressBar:
-        if self.enabled:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total, desc=self.desc, unit="step", leave=False, dynamic_ncols=True,
-                             initial=self._shown)
-        return self
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.total: torch.Tensor | float = 0.0
+        self.count = 0
 
     def __call__(self, k: int, x: Tensor, stats: dict) -> None:
-        if self._bar is not None and (k + 1) % self.chunk == 0:
-            self._bar.update(k + 1 - self._shown)
-            self._shown = k + 1
+        value = stats.get(self.key)
+        if value is not None:
+            self.total = self.total + value  # stays on the device: no host sync per step
+            self.count += 1
 
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+    def mean(self) -> float | None:
+        return float(self.total) / self.count if self.count else None
+
+    def state(self, prefix: str) -> tuple[dict[str, Tensor], dict]:
+        return {f"{prefix}.total": torch.as_tensor(self.total).clone()}, {"count": self.count}
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str) -> None:
+        self.count = int(meta["count"])
+        self.total = tensors[f"{prefix}.total"] if self.count else 0.0

@@ -19,12 +19,15 @@ AUTO_SINGLE_THREAD_BELOW = 20_000  # tensor elements per particle batch
 
 
 @contextlib.contextmanager
-def torch_threads(num_threads: int, batch_numel: int) -> Iterator[int]:
+def torch_threads(num_threads: int, batch_numel: int | None = None) -> Iterator[int]:
     """Set ``torch.set_num_threads`` for the block: ``num_threads`` if > 0, else 1 for batches
-    under :data:`AUTO_SINGLE_THREAD_BELOW` elements and torch's setting otherwise."""
+    under :data:`AUTO_SINGLE_THREAD_BELOW` elements and torch's setting otherwise (also when
+    ``batch_numel`` is None: no automatic choice)."""
     previous = torch.get_num_threads()
-    n = num_threads if num_threads > 0 else (1 if batch_numel < AUTO_SINGLE_THREAD_BELOW else previous)
-    torch.set_num_threads(n)
+    small = batch_numel is not None and batch_numel < AUTO_SINGLE_THREAD_BELOW
+    n = num_threads if num_threads > 0 else (1 if small else previous)
+    if n != previous:
+        torch.set_num_threads(n)
     try:
         yield n
     finally:

@@ -23,7 +23,7 @@ from .diffusion import (
     sample,
 )
 from .guard import reject_nonfinite
-from .langevin import LangevinInfo, draw_noise, energy_grad, ula_step
+from .langevin import LangevinInfo, draw_noise, energy_grad, langevin_chain, ula_step
 from .mala import mala_step
 from .mirror import MIRROR_DOMAINS, mirror_langevin
 from .preconditioned import inverse_hessian, preconditioned_langevin
@@ -59,6 +59,7 @@ __all__ = [
     "finite_difference_1d",
     "finite_difference_2d",
     "inverse_hessian",
+    "langevin_chain",
     "l1_dual_prox",
     "mala_step",
     "mirror_langevin",

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed
 from .langevin import LangevinInfo
 
-__all__ = ["block_generator", "blockwise"]
+__all__ = ["ParticleBlocks", "block_generator", "blockwise"]
 
 
 def block_generator(seed: int, block: int, num_blocks: int) -> torch.Generator:
@@ -54,3 +55,40 @@ def blockwise(step: Callable) -> Callable:
 
     step_blocks.__name__ = step_blocks.__qualname__ = f"blockwise_{getattr(step, '__name__', 'step')}"
     return step_blocks
+
+
+class ParticleBlocks:
+    """The particle blocks this process holds — all ``num_blocks`` of them, or its 1/W share under
+    torchrun (rank r holds blocks r·B/W … (r + 1)·B/W − 1) — with their generators.
+
+    >>> blocks = ParticleBlocks(seed=0, num_blocks=2, num_particles=6)
+    >>> list(blocks.blocks), blocks.initial(lambda n, g: torch.randn(n, 2, generator=g)).shape
+    ([0, 1], torch.Size([6, 2]))
+    """
+
+    def __init__(self, seed: int, num_blocks: int, num_particles: int):
+        world = distributed.world_size()
+        if num_blocks % world or num_particles % num_blocks:
+            raise ValueError(f"{num_particles} particles in {num_blocks} blocks cannot be split equally over "
+                             f"{world} process(es)")
+        share = num_blocks // world
+        self.blocks = range(distributed.rank() * share, (distributed.rank() + 1) * share)
+        self.generators = [block_generator(seed, b, num_blocks) for b in self.blocks]
+        self.per_block = num_particles // num_blocks
+
+    @property
+    def generator(self) -> torch.Generator | tuple[torch.Generator, ...]:
+        """What a step takes as ``generator``: the one generator, or one per block (see :func:`blockwise`)."""
+        return self.generators[0] if len(self.generators) == 1 else tuple(self.generators)
+
+    def step(self, step: Callable) -> Callable:
+        """``step`` itself for one block, else :func:`blockwise` of it."""
+        return step if len(self.generators) == 1 else blockwise(step)
+
+    def initial(self, draw: Callable[[int, torch.Generator], Tensor]) -> Tensor:
+        """This process's initial particles: ``draw(per_block, generator)`` for each of its blocks, concatenated."""
+        return torch.cat([draw(self.per_block, g) for g in self.generators])
+
+    def named_generators(self, prefix: str = "generator.") -> dict[str, torch.Generator]:
+        """The generators by global block index (a checkpoint's names for them)."""
+        return {f"{prefix}{b}": g for b, g in zip(self.blocks, self.generators)}

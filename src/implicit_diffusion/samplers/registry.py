@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..models.shifted import ShiftedPotential
 from .langevin import ula_step
 from .mala import mala_step
 from .mirror import mirror_langevin
@@ -47,6 +48,21 @@ class SamplerSetup(NamedTuple):
     step: Callable
     step_size: float
     shift: float = 0.0
+
+    def translate(self, potential, reward_fn: Callable[[Tensor], Tensor],
+                  dtype: torch.dtype) -> tuple[object, Callable[[Tensor], Tensor]]:
+        """The potential and the reward in the sampler's coordinates: V_s(y) = V(y − s) and
+        R(y − s) (:class:`~implicit_diffusion.models.ShiftedPotential` in ``dtype``, sharing θ),
+        or both unchanged when s = 0."""
+        if not self.shift:
+            return potential, reward_fn
+        shifted = ShiftedPotential(potential, self.shift).to(dtype)
+
+        def translated_reward(y: Tensor) -> Tensor:
+            return reward_fn(shifted.unshift(y))
+
+        translated_reward.__name__ = f"{getattr(reward_fn, '__name__', 'reward')} (translated)"
+        return shifted, translated_reward
 
 
 def sampler_setup(name: str, step_size: float, *, reference=None, reference_points: Tensor | None = None,
