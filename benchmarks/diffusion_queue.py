@@ -77,7 +77,7 @@ class Memory:
 
 
 def worker(name: str, M: int, batch: int, budget: float, device: str, seed: int) -> dict:
-    from implicit_diffusion.experiments.diffusion_finetune import ALGORITHMS as ALGOS
+    from implicit_diffusion.algorithms import DIFFUSION_ALGORITHMS as ALGOS
     from implicit_diffusion.objectives import brightness
     from implicit_diffusion.objectives.girsanov import path_kl_cost
     from implicit_diffusion.pretrained import load_pretrained

@@ -90,6 +90,11 @@ def test_bad_checkpoint_files_are_one_line_errors(tmp_path):
     save_file({"w": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
     with pytest.raises(DataError, match="not an implicit-diffusion checkpoint"):
         load_checkpoint(foreign)
+    older = tmp_path / "older.safetensors"  # before the run state was saved by part
+    save_file({"x": torch.zeros(2)}, str(older),
+              metadata={"format": "implicit-diffusion/checkpoint", "version": "1", "meta": "{}"})
+    with pytest.raises(DataError, match="has version '1'; this release reads version 2"):
+        load_checkpoint(older)
 
 
 def _outputs(run_dir: Path) -> dict:

@@ -178,3 +178,12 @@ def test_the_library_runs_without_the_run_machinery_matplotlib_or_tqdm():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("library ok")
+
+
+def test_the_readme_layout_names_every_package_and_shared_module():
+    """The README's Layout section cannot drift: it names every subpackage and top-level module."""
+    readme = (ROOT.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    names = sorted({_top(n) for n in package_sources() if _top(n) not in ("", "__main__")})
+    missing = [n for n in names if f"{n}/" not in section and f"{n}.py" not in section]
+    assert missing == []

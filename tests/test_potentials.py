@@ -584,3 +584,22 @@ def test_mixture_sample_reproducible(generator):
     a, b = V.sample(100, generator=g1), V.sample(100, generator=g2)
     assert torch.equal(a, b)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_energy_mlp_reset_parameters_draws_nn_linear_law_from_the_generator():
+    """θ₀ from an explicit generator: the same seed gives the same weights, another seed others; every
+    entry lies in ±1/√fan_in and the first layer's 64·256 weights have the uniform law's variance
+    bound²/3 (to 5 standard errors of a sample variance); the global RNG is not touched."""
+    a, b, c = (EnergyMLP(64, hidden=256, depth=2) for _ in range(3))  # construction draws from the global RNG
+    state = torch.random.get_rng_state()
+    for net, seed in ((a, 3), (b, 3), (c, 4)):
+        net.reset_parameters(torch.Generator().manual_seed(seed))
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.net[0].weight, c.net[0].weight)
+    for layer in (m for m in a.net if isinstance(m, nn.Linear)):
+        bound = 1 / math.sqrt(layer.in_features)
+        assert all(float(p.detach().abs().max()) <= bound for p in (layer.weight, layer.bias))
+    w = a.net[0].weight.detach().double().flatten()
+    var, n = (1 / 64) / 3, w.numel()
+    assert abs(float(w.var()) - var) < Z * var * math.sqrt(0.8 / n)  # Var(sample variance) ≈ (μ₄ − σ⁴)/n, μ₄ = 1.8σ⁴

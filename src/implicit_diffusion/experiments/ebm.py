@@ -97,8 +97,7 @@ class EBMConfig:
         positive(self, "num_train", "num_particles", "batch_size", "num_steps", "sampler_steps_per_update",
                  "nested_inner_steps", "nested_budget_factor", "lr", "hidden", "depth", "eval_every", "fresh_steps")
         check(self, ("step_size", "init_std", "num_heldout"), lambda v: v >= 0, "> 0 (or 0 for the data set's default)")
-        if any(not h > 0 for h in self.mmd_bandwidths):
-            raise ConfigError(f"config key 'mmd_bandwidths' must hold numbers > 0, got {self.mmd_bandwidths!r}")
+        check(self, "mmd_bandwidths", lambda bw: all(h > 0 for h in bw), "numbers > 0", verb="hold")
         if self.num_heldout == 1 or self.num_particles < 2:
             raise ConfigError("config keys 'num_heldout' and 'num_particles' must be >= 2 "
                               "(the unbiased MMD² needs pairs)")

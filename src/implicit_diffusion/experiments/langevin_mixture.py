@@ -39,7 +39,7 @@ from ..runtime.recording import EvalRecorder, RewardRecorder, RunningMean
 from ..runtime.state import load_state_of, state_of
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
-from ..runtime.validation import nonnegative, positive
+from ..runtime.validation import check, nonnegative, positive
 from ..samplers import ula_step
 from ..samplers.blocks import ParticleBlocks
 from ..samplers.registry import SamplerSetup, sampler_setup
@@ -84,10 +84,8 @@ class LangevinMixtureConfig:
         if len(self.theta0) != 6:
             raise ConfigError(f"config key 'theta0' must have 6 entries (one per hexagon component), "
                               f"got {len(self.theta0)}")
-        if any(t < 1 for t in self.nested_inner_steps):
-            raise ConfigError(f"config key 'nested_inner_steps' must hold integers >= 1, got {self.nested_inner_steps}")
-        if any(s < 0 for s in self.snapshot_steps):
-            raise ConfigError(f"config key 'snapshot_steps' must hold integers >= 0, got {self.snapshot_steps}")
+        check(self, "nested_inner_steps", lambda ts: all(t >= 1 for t in ts), "integers >= 1", verb="hold")
+        check(self, "snapshot_steps", lambda ss: all(s >= 0 for s in ss), "integers >= 0", verb="hold")
         if self.particle_blocks < 1 or self.num_particles % self.particle_blocks:
             raise ConfigError(f"config key 'particle_blocks' must be >= 1 and divide num_particles "
                               f"({self.num_particles}), got {self.particle_blocks}")

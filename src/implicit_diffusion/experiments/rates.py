@@ -44,7 +44,7 @@ from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
-from ..runtime.validation import nonnegative, positive
+from ..runtime.validation import check, nonnegative, positive
 
 __all__ = ["Config", "QUANTITIES", "Result", "RULES", "THEORY_EXPONENTS", "problem", "run", "run_single", "save",
            "step_rules", "table", "time_axis"]
@@ -90,8 +90,7 @@ class Config:
             if len(getattr(self, name)) != len(self.target):
                 raise ConfigError(f"config key {name!r} must have {len(self.target)} entries (one per entry of "
                                   f"'target'), got {len(getattr(self, name))}")
-        if any(a <= 0 for a in self.curvatures):
-            raise ConfigError(f"config key 'curvatures' must hold numbers > 0, got {self.curvatures}")
+        check(self, "curvatures", lambda cs: all(c > 0 for c in cs), "numbers > 0", verb="hold")
         bad = [r for r in self.rules if r not in RULES]
         if bad or not self.rules:
             raise ConfigError(f"config key 'rules': unknown {bad or 'empty list'}; allowed: {', '.join(RULES)}")

@@ -38,7 +38,8 @@ def _is_scheduler(obj: Any) -> bool:
 
 def state_of(parts: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(tensors, meta)`` holding every part's state, each under its name (see the module docstring);
-    tensor names start with ``prefix`` (e.g. ``"run."``), ``meta`` is keyed by the bare names.
+    tensor names start with ``prefix`` (e.g. ``"run."``), ``meta`` is keyed by the bare names. The
+    tensors are copies: training on does not change a state taken before.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> tensors, meta = state_of({"net": torch.nn.Linear(2, 1), "generator": g})
@@ -52,10 +53,10 @@ def state_of(parts: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Tens
         if part is None:
             meta[name] = None
         elif isinstance(part, torch.nn.Module):
-            tensors.update(with_prefix(part.state_dict(), f"{full}."))
+            tensors.update(with_prefix({k: v.detach().clone() for k, v in part.state_dict().items()}, f"{full}."))
         elif isinstance(part, torch.optim.Optimizer):
             t, meta[name] = optimizer_state(part, full)
-            tensors.update(t)
+            tensors.update({k: v.clone() for k, v in t.items()})
         elif _is_scheduler(part):
             meta[name] = part.state_dict()
         elif isinstance(part, torch.Generator):
@@ -90,7 +91,7 @@ def load_state_of(parts: Mapping[str, Any], tensors: Mapping[str, Tensor], meta:
 
 
 def pack(value: Any, name: str) -> tuple[dict[str, Tensor], list]:
-    """``value`` as ``(tensors, tree)``: tensors named ``name…``, and a JSON tree saying where
+    """``value`` as ``(tensors, tree)``: tensors named ``name…`` (copies), and a JSON tree saying where
     everything goes back (:func:`unpack`). A dataclass is packed as the dict of its fields.
 
     >>> tensors, tree = pack({"step": [0, 100], "reward": [0.5, float("nan")]}, "evals")
@@ -105,10 +106,10 @@ def _pack(value: Any, name: str, tensors: dict[str, Tensor]) -> list:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, Tensor):
-        tensors[name] = value.detach()
+        tensors[name] = value.detach().clone()
         return ["tensor", name]
     if isinstance(value, np.ndarray):
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(value))
+        tensors[name] = torch.from_numpy(np.array(value, copy=True, order="C"))
         return ["array", name]
     if isinstance(value, float):  # np.float64 too
         tensors[name] = torch.tensor(float(value), dtype=torch.float64)

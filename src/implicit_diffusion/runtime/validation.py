@@ -15,8 +15,10 @@ from ..errors import ConfigError
 __all__ = ["check", "nonnegative", "one_of", "positive"]
 
 
-def check(config: Any, names: str | Iterable[str], ok: Callable[[Any], bool], requirement: str) -> None:
-    """Every key in ``names`` must satisfy ``ok``; otherwise "config key 'NAME' must be REQUIREMENT, got VALUE".
+def check(config: Any, names: str | Iterable[str], ok: Callable[[Any], bool], requirement: str, *,
+          verb: str = "be") -> None:
+    """Every key in ``names`` must satisfy ``ok``; otherwise "config key 'NAME' must VERB REQUIREMENT,
+    got VALUE" (``verb="hold"`` for lists: "must hold integers >= 1").
 
     >>> from types import SimpleNamespace
     >>> check(SimpleNamespace(lr=float("nan")), "lr", lambda v: v > 0, "> 0")
@@ -27,7 +29,7 @@ def check(config: Any, names: str | Iterable[str], ok: Callable[[Any], bool], re
     for name in [names] if isinstance(names, str) else names:
         value = getattr(config, name)
         if not ok(value):
-            raise ConfigError(f"config key {name!r} must be {requirement}, got {value!r}")
+            raise ConfigError(f"config key {name!r} must {verb} {requirement}, got {value!r}")
 
 
 def positive(config: Any, *names: str) -> None:
