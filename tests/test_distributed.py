@@ -28,7 +28,7 @@ def torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 GAMMA_SCRIPT = textwrap.dedent("""
-    import json, sys, torch, torch.distributed as dist
+    import json, os, sys, torch, torch.distributed as dist
     from implicit_diffusion.algorithms.base import apply_surrogate
     from implicit_diffusion.distributed import init_from_env, rank, world_size
     from implicit_diffusion.models import hexagon_mixture
@@ -56,10 +56,12 @@ GAMMA_SCRIPT = textwrap.dedent("""
     dist.all_reduce(wrong)
     wrong /= 2
     if rank() == 0:
-        json.dump({"gamma": gamma.tolist(), "wrong": wrong.tolist(),
-                   "reward": float(surrogate.stats["reward"])}, open(sys.argv[1], "w"))
+        with open(sys.argv[1], "w") as f:
+            json.dump({"gamma": gamma.tolist(), "wrong": wrong.tolist(),
+                       "reward": float(surrogate.stats["reward"])}, f)
     dist.barrier()  # both processes done with every collective before the group goes away
     dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown, where gloo's threads can abort a finished process
 """)
 
 
@@ -147,7 +149,7 @@ def test_blocks_draw_the_same_numbers_however_they_are_grouped(step):
 
 
 QUEUE_SCRIPT = textwrap.dedent("""
-    import json, sys, torch, torch.distributed
+    import json, os, sys, torch, torch.distributed
     from implicit_diffusion.algorithms import DiffusionNestedLoop, DiffusionQueue
     from implicit_diffusion.distributed import init_from_env, rank, world_size
     from implicit_diffusion.models import ScoreMLP
@@ -180,10 +182,12 @@ QUEUE_SCRIPT = textwrap.dedent("""
         out[name] = {"params": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
                      "rewards": rewards}
     if rank() == 0:
-        json.dump(out, open(sys.argv[1], "w"))
+        with open(sys.argv[1], "w") as f:
+            json.dump(out, f)
     if sharded:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        os._exit(0)  # no interpreter teardown, where gloo's threads can abort a finished process
 """)
 
 

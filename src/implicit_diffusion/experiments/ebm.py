@@ -87,7 +87,7 @@ class EBMConfig:
     compare: bool = True  # also train the nested baseline
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float32"
-    num_threads: int = 0  # 0: 1 thread for small batches (see experiments.threads)
+    num_threads: int = 0  # 0: 1 thread for small batches (see runtime.threads)
     progress: bool = True
     checkpoint_every: int = 0  # θ updates between checkpoints, in each method's loop (0: only on Ctrl-C)
 
@@ -175,8 +175,7 @@ def run(config: EBMConfig, *, metrics_sink: Callable[[list[dict]], None] | None 
     """Train with the single loop (and the nested baseline if ``config.compare``); evaluate both.
 
     With ``checkpoints`` (see :mod:`~implicit_diffusion.runtime.checkpoints`), each method's loop writes a
-    checkpoint every
-    ``config.checkpoint_every`` θ updates and on Ctrl-C, or the run continues from a saved one.
+    checkpoint every ``config.checkpoint_every`` θ updates and on Ctrl-C, or the run continues from a saved one.
     """
     dim = 64 if config.data == "digits" else 2
     with torch_threads(config.num_threads, config.num_particles * dim):

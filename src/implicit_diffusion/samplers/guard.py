@@ -2,7 +2,7 @@
 
 A step size too large for a potential, or a potential undefined outside a domain (log-barriers,
 square roots), can send single particles to NaN or inf. By default the algorithms let that
-happen and the experiments stop on it (:mod:`implicit_diffusion.experiments.guards`); with
+happen and the experiments stop on it (:mod:`implicit_diffusion.runtime.guards`); with
 :func:`reject_nonfinite` the step keeps each such particle at its previous position instead, and
 counts how often it did (``step.rejected``, a 0-d tensor). The resulting chain is no longer the
 sampler's chain (a rejected move biases it like a Metropolis rejection without the ratio):
