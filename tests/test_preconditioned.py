@@ -269,3 +269,19 @@ def test_inverse_hessian_errors():
         inverse_hessian(lambda x: (x**2).sum(), f64([[0.0, 1.0], [1.0, 0.0]]))
     with pytest.raises(ValueError, match="not finite"):
         inverse_hessian(lambda x: (x**2).sum(-1).sqrt(), f64([[0.0, 0.0]]))  # ∇²‖x‖ blows up at 0
+
+
+def test_the_preconditioned_sampler_by_name_needs_its_reference():
+    """By name (samplers.registry), P is computed from a reference potential at given points;
+    without them the set-up says what it needs. At the §5.1 centres P ≈ I (unit-variance components)."""
+    from implicit_diffusion.models import hexagon_mixture
+    from implicit_diffusion.samplers.registry import sampler_setup
+
+    with pytest.raises(ValueError, match="needs a reference potential and reference_points"):
+        sampler_setup("preconditioned", 0.2)
+    V0 = hexagon_mixture(dtype=torch.float64)
+    setup = sampler_setup("preconditioned", 0.2, reference=V0, reference_points=V0.means)
+    assert setup.step_size == 0.2 and setup.shift == 0.0
+    P = setup.step.preconditioner
+    assert torch.equal(P, inverse_hessian(V0, V0.means, min_eigenvalue=0.5))
+    assert 0 < float((P - torch.eye(2, dtype=torch.float64)).abs().max()) < 0.05  # ≈ I, not exactly I
