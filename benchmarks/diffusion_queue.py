@@ -1,7 +1,7 @@
 """Queue vs nested loop for reward finetuning of a diffusion model, side by side in one run.
 
     python benchmarks/diffusion_queue.py [--Ms 20 50 100] [--batch 16] [--budget 30]
-        [--algorithms ...] [--device cpu|cuda] [--out FILE.json]
+        [--algorithms ...] [--max-batch 64] [--device cpu|cuda] [--out FILE.json]
 
 The task is ``diffusion-finetune``'s (the shipped digits U-Net, brightness reward λ = 30,
 Girsanov path KL β = 1, Euler–Maruyama; Adam lr 3e-4, 3× the experiment's default, to move
@@ -12,7 +12,11 @@ fast) with M sampling steps and ``--batch`` images per θ update (per queue slot
 - ``queue-sequential``: the queue of M batches, one batched forward call per iteration, the
   exiting batch's adjoint swept at once;
 - ``queue-pipelined``: the same, every in-flight adjoint advanced one step per iteration in one
-  batched call.
+  batched call;
+- ``queue-pipelined-chunked``: the same with ``max_batch`` (``--max-batch``, default 64): the
+  batched forward and adjoint calls split into chunks of at most that many images.
+
+In every adjoint contender the path-KL running cost reuses the sampler step's network forward.
 
 Each (contender, M) runs in its own process, so memory figures do not mix. Reported:
 
@@ -45,7 +49,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-ALGORITHMS = ("nested-autograd", "nested-adjoint", "queue-sequential", "queue-pipelined")
+ALGORITHMS = ("nested-autograd", "nested-adjoint", "queue-sequential", "queue-pipelined", "queue-pipelined-chunked")
 
 
 def _rss_kib(field: str) -> int:
@@ -76,7 +80,7 @@ class Memory:
         return (_rss_kib("VmHWM") * 1024 - self.base) / 2**20
 
 
-def worker(name: str, M: int, batch: int, budget: float, device: str, seed: int) -> dict:
+def worker(name: str, M: int, batch: int, budget: float, device: str, seed: int, max_batch: int) -> dict:
     from implicit_diffusion.algorithms import DIFFUSION_ALGORITHMS as ALGOS
     from implicit_diffusion.objectives import brightness
     from implicit_diffusion.objectives.girsanov import path_kl_cost
@@ -86,7 +90,9 @@ def worker(name: str, M: int, batch: int, budget: float, device: str, seed: int)
     loaded = load_pretrained("digits", device=device)
     model, shape = loaded.model, tuple(loaded.extra["data_shape"])
     schedule = dataclasses.replace(loaded.schedule, num_steps=M)
-    cls, options = ALGOS[name]
+    cls, options = ALGOS[name.removesuffix("-chunked")]
+    if name.endswith("-chunked"):
+        options = {**options, "max_batch": max_batch}
     algo = cls(model, euler_maruyama_step, schedule, torch.optim.Adam(model.parameters(), lr=3e-4),
                init_fn=lambda g: torch.randn((batch, *shape), generator=g, device=device),
                reward_fn=brightness, reward_weight=30.0, running_cost=path_kl_cost(model, schedule, 1.0),
@@ -148,27 +154,31 @@ def main() -> None:
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batch", type=int, default=64, help="images per network call of queue-pipelined-chunked")
     p.add_argument("--out", default=str(HERE / "results" / "diffusion_queue.json"))
     p.add_argument("--worker", nargs=2, metavar=("ALGORITHM", "M"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        res = worker(args.worker[0], int(args.worker[1]), args.batch, args.budget, args.device, args.seed)
+        res = worker(args.worker[0], int(args.worker[1]), args.batch, args.budget, args.device, args.seed,
+                     args.max_batch)
         print(json.dumps(res))
         return
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     if args.device == "cuda":
         machine += f", {torch.cuda.get_device_name()}"
-    print(f"machine: {machine}; batch {args.batch} per update/slot; budget {args.budget:g} s training per run")
+    print(f"machine: {machine}; batch {args.batch} per update/slot; budget {args.budget:g} s training per run; "
+          f"chunks of {args.max_batch} images for queue-pipelined-chunked")
     rows = []
     for M in args.Ms:
         for name in args.algorithms:
             cmd = [sys.executable, __file__, "--worker", name, str(M), "--batch", str(args.batch),
-                   "--budget", str(args.budget), "--device", args.device, "--seed", str(args.seed)]
+                   "--budget", str(args.budget), "--device", args.device, "--seed", str(args.seed),
+                   "--max-batch", str(args.max_batch)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
             rows.append(row)
-            print(f"  M={M:>3} {name:<17} {row['time_per_update_s'] * 1e3:8.1f} ms/update  "
+            print(f"  M={M:>3} {name:<23} {row['time_per_update_s'] * 1e3:8.1f} ms/update  "
                   f"peak {row['peak_mib']:7.1f} MiB  updates {row['updates']:>5}  "
                   f"reward {row['initial_reward']:+.4f} → {row['final_reward']:+.4f}", flush=True)
     print("\nratios (per M): nested-autograd / contender time per update; queue time to reach the "
@@ -185,7 +195,7 @@ def main() -> None:
                     t = time_to_reach(r["curve"], by[nested]["final_reward"])
                     reach.append(f"reaches {nested}'s {by[nested]['final_reward']:+.4f} at "
                                  + ("never" if t is None else f"{t / args.budget:.2f} of the budget"))
-            print(f"  M={M:>3} {name:<17} speed {speed}  memory/nested-autograd {mem}  {'; '.join(reach)}")
+            print(f"  M={M:>3} {name:<23} speed {speed}  memory/nested-autograd {mem}  {'; '.join(reach)}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")

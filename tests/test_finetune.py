@@ -116,6 +116,9 @@ def test_finetune_run_and_sweep_write_their_outputs(tiny_digits_model, tmp_path,
     (["run", "diffusion-finetune", "--set", "model='/no/model.safetensors'"], "no such model file"),
     (["run", "langevin-mixture", "--sweep"], "unknown config key 'sweep'"),
     (["run", "diffusion-finetune", "--sweep", "--set", "kl_weight=0"], "needs kl_weight > 0"),
+    (["run", "diffusion-finetune", "--set", "max_batch=-1"], "'max_batch' must be >= 0, got -1"),
+    (["run", "diffusion-finetune", "--set", "max_batch=8", "--set", "algorithm=nested-adjoint"],
+     "'max_batch' chunks the queue's batched calls"),
 ])
 def test_bad_settings_are_one_line_errors(args, message, capsys, tmp_path):
     assert main([*args, "--no-progress", "--out", str(tmp_path / "r")]) == 2

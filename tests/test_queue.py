@@ -146,3 +146,78 @@ def test_batched_kl_running_cost_equals_one_call_per_batch(adjoint):
         runs.append(thetas(model, algo, 12))
     torch.testing.assert_close(torch.tensor(runs[0]), torch.tensor(runs[1]), rtol=1e-12, atol=1e-12)
     assert max(abs(a - b) for a, b in zip(runs[0], runs[2])) > 1e-3
+
+
+class _NoSharing:
+    """GirsanovKL evaluated on its own (no reuse of the step's network output), per_sample kept."""
+
+    reuses_model_output = False
+
+    def __init__(self, kl):
+        self.kl = kl
+
+    def per_sample(self, x, m):
+        return self.kl.per_sample(x, m)
+
+    def __call__(self, x, m):
+        return self.kl(x, m)
+
+
+def _queue_run(adjoint, *, max_batch=None, cost=None, steps=14, batch=5):
+    from implicit_diffusion.objectives import GirsanovKL
+
+    sched = VPSchedule("ou", num_steps=4, T=1.0, t_min=0.0)
+    model, algo = make("queue", sched, batch=batch, adjoint=adjoint, max_batch=max_batch)
+    model.theta.data.fill_(0.5)
+    if cost is not None:
+        algo.running_cost = cost(GirsanovKL(model, sched, weight=3.0))
+    return torch.tensor(thetas(model, algo, steps))
+
+
+@pytest.mark.parametrize("adjoint", ["pipelined", "sequential"])
+@pytest.mark.parametrize("cost", [None, lambda kl: kl, lambda kl: (lambda x, m: kl(x, m))],
+                         ids=["reward only", "per-sample KL", "one call per batch"])
+def test_chunked_queue_equals_one_call(adjoint, cost):
+    """max_batch = 3 splits the 20-sample forward of 4 slots × 5 and the batched adjoint step into
+    chunks (cutting batches apart, or only between whole batches for a cost without per_sample):
+    the θ trajectory equals the unchunked queue's to float64 precision."""
+    one = _queue_run(adjoint, cost=cost)
+    chunked = _queue_run(adjoint, cost=cost, max_batch=3)
+    torch.testing.assert_close(chunked, one, rtol=1e-10, atol=1e-12)
+    assert (one[-1] - one[0]).abs() > 1e-3  # θ moved: the comparison is not of two constants
+
+
+def test_chunks_respect_max_batch_and_batch_boundaries():
+    sched = VPSchedule("ou", num_steps=2)
+    _, algo = make("queue", sched, max_batch=4)
+    assert algo._chunks(10) == [(0, 4), (4, 8), (8, 10)]
+    assert algo._chunks(10, [3, 3, 4]) == [(0, 3), (3, 6), (6, 10)]
+    assert algo._chunks(12, [5, 2, 2, 3]) == [(0, 5), (5, 9), (9, 12)]  # a batch above max_batch alone
+    assert algo._chunks(3) == [(0, 3)]
+    with pytest.raises(ValueError, match="max_batch must be an integer >= 1 or None, got 0"):
+        make("queue", sched, max_batch=0)
+
+
+@pytest.mark.parametrize("adjoint", ["pipelined", "sequential"])
+def test_the_kl_reuses_the_steps_network_forward_with_the_same_result(adjoint):
+    """GirsanovKL in the adjoint takes s_θ(x_m, t_m) from the sampler step's own evaluation: the
+    θ trajectory equals the one where it evaluates the network itself (float64), with one θ
+    forward per adjoint step instead of two (counted: 2 forwards with θ₀'s, instead of 3)."""
+    shared = _queue_run(adjoint, cost=lambda kl: kl)
+    separate = _queue_run(adjoint, cost=_NoSharing)
+    torch.testing.assert_close(shared, separate, rtol=1e-12, atol=1e-12)
+
+    from implicit_diffusion.objectives import GirsanovKL
+    from implicit_diffusion.objectives.adjoint import adjoint_step
+
+    sched = VPSchedule("ou", num_steps=4, T=1.0, t_min=0.0)
+    model = GaussianScore(0.3)
+    kl = GirsanovKL(model, sched, weight=1.0)
+    calls = []
+    model.register_forward_hook(lambda mod, args, out: calls.append(1))
+    x, a = torch.randn(6, 1, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    noise = torch.randn(6, 1, dtype=torch.float64)
+    for running_cost, expected in ((kl, 2), (_NoSharing(kl), 3)):
+        calls.clear()
+        adjoint_step(euler_maruyama_step, model, 2, x, a, noise, schedule=sched, running_cost=running_cost)
+        assert len(calls) == expected  # θ₀ is the same module under functional_call: its forward counts too

@@ -28,7 +28,9 @@ class DiffusionAlgorithm:
         running_cost: optional ``c(x, m) -> scalar`` added at every step (e.g.
             objectives.GirsanovKL for β·KL(path_θ‖path_θ₀)). If it has a method
             ``per_sample(x, m) -> (batch,)`` taking per-particle step indices, the queue calls
-            that once per iteration for all its batches instead of once per batch.
+            that once per iteration for all its batches instead of once per batch; if it is marked
+            ``reuses_model_output`` (GirsanovKL is), each adjoint step hands it the sampler step's
+            own network output (``model_call=``), so the network runs once for both.
         prediction: what the model outputs (``"score"``, ``"epsilon"``, ``"x0"``).
         max_grad_norm: optional gradient clipping before each optimizer step.
     """

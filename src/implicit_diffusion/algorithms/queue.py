@@ -13,7 +13,8 @@ iteration k:
 The adjoint is either a *sequential* sweep over the exiting batch (M backward steps at
 once) or *pipelined*: every in-flight adjoint advances one backward step per iteration, in
 one batched call, so each iteration costs O(1) batched forward and backward calls. Memory:
-M batches in flight plus their stored trajectories.
+M batches in flight plus their stored trajectories, and the activations of one batched call
+over all M·B samples — or of at most ``max_batch`` samples when the calls are chunked.
 """
 
 from __future__ import annotations
@@ -54,14 +55,21 @@ class DiffusionQueue(DiffusionAlgorithm):
     """The queue algorithm with a terminal reward (and an optional running cost).
 
     Arguments as :class:`~.diffusion_base.DiffusionAlgorithm`, plus ``adjoint``:
-    ``"sequential"`` or ``"pipelined"``.
+    ``"sequential"`` or ``"pipelined"``, and ``max_batch``: the most samples one network call
+    takes (the batched forward of all slots, and the batched adjoint step of all in-flight
+    sweeps, are split into chunks of at most this many; same result to float rounding, peak
+    memory bounded by one chunk's activations instead of M·B samples'). None: one call each.
     """
 
-    def __init__(self, *args, adjoint: Literal["sequential", "pipelined"] = "sequential", **kwargs):
+    def __init__(self, *args, adjoint: Literal["sequential", "pipelined"] = "sequential",
+                 max_batch: int | None = None, **kwargs):
         if adjoint not in ("sequential", "pipelined"):
             raise ValueError(f"adjoint must be 'sequential' or 'pipelined', got {adjoint!r}")
+        if max_batch is not None and not (isinstance(max_batch, int) and max_batch >= 1):
+            raise ValueError(f"max_batch must be an integer >= 1 or None, got {max_batch!r}")
         super().__init__(*args, **kwargs)
         self.adjoint = adjoint
+        self.max_batch = max_batch
         self.flights: list[_Flight] = []  # flights[j] has undergone j steps, j < M
         self.adjoints: list[_Adjoint] = []
 
@@ -115,7 +123,8 @@ class DiffusionQueue(DiffusionAlgorithm):
         # Particles carried to the next iteration hold no graph: the gradient comes from the
         # adjoint, which recomputes each step on its own.
         with torch.no_grad():
-            ys = self.step_fn(xs, self.model, m, schedule=self.schedule, noise=noise, prediction=self.prediction)
+            ys = torch.cat([self.step_fn(xs[lo:hi], self.model, m[lo:hi], schedule=self.schedule, noise=noise[lo:hi],
+                                         prediction=self.prediction) for lo, hi in self._chunks(len(xs))])
         for f, y, n in zip(self.flights, ys.split(sizes), noise.split(sizes)):
             f.states.append(y)
             f.noises.append(n)
@@ -123,31 +132,59 @@ class DiffusionQueue(DiffusionAlgorithm):
             return self.flights.pop()
         return None
 
+    def _chunks(self, rows: int, sizes: list[int] | None = None) -> list[tuple[int, int]]:
+        """Row ranges [lo, hi) of at most ``max_batch`` rows covering ``rows`` (one range without
+        ``max_batch``); with ``sizes``, ranges end on those item boundaries only (an item larger
+        than ``max_batch`` is a range of its own)."""
+        if self.max_batch is None or rows <= self.max_batch:
+            return [(0, rows)]
+        if sizes is None:
+            return [(lo, min(lo + self.max_batch, rows)) for lo in range(0, rows, self.max_batch)]
+        out, lo, hi = [], 0, 0
+        for n in sizes:
+            if hi > lo and hi + n - lo > self.max_batch:
+                out.append((lo, hi))
+                lo = hi
+            hi += n
+        return [*out, (lo, hi)]
+
     # -- backward: one adjoint step for a set of (batch, m, a_{m+1}) -------------------------
     def _adjoint_step(self, items: list[tuple[Tensor, Tensor, Tensor, int]]) -> list[Tensor]:
         """For each (x_m, ξ_m, a_{m+1}, m): accumulate (∂θφ_m)ᵀa_{m+1} (+ ∇θc_m) into ``.grad``
-        and return a_m, all items in one batched call (objectives.adjoint.adjoint_step)."""
+        and return a_m, all items in one batched call (objectives.adjoint.adjoint_step), or in
+        calls of at most ``max_batch`` samples (the same sums, accumulated chunk by chunk)."""
         sizes = [x.shape[0] for x, _, _, _ in items]
         x = torch.cat([x for x, _, _, _ in items])
         noise = torch.cat([n for _, n, _, _ in items])
         a = torch.cat([a for _, _, a, _ in items])
         m = torch.cat([torch.full((s,), it[3], dtype=torch.long) for s, it in zip(sizes, items)])
-        cost = None
         per_sample = getattr(self.running_cost, "per_sample", None)
-        if per_sample is not None:  # one batched call: each particle weighed by 1/(its batch's size)
+        if per_sample is not None:  # each particle weighed by 1/(its batch's size): chunks anywhere
             scale = torch.cat([x.new_full((s,), 1.0 / s) for s in sizes])
+            chunks = self._chunks(len(x))
+        else:  # a cost that takes one integer step index: chunks of whole batches
+            chunks = self._chunks(len(x), sizes)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        out = []
+        for lo, hi in chunks:
+            cost = None
+            if per_sample is not None:
+                def cost(xs: Tensor, m_all: Tensor, *, model_call=None, sc=scale[lo:hi]) -> Tensor:
+                    if model_call is None:
+                        return (per_sample(xs, m_all) * sc).sum()
+                    return (per_sample(xs, m_all, model_call=model_call) * sc).sum()
+                cost.reuses_model_output = getattr(self.running_cost, "reuses_model_output", False)
+            elif self.running_cost is not None:
+                inside = [(i, n) for i, n in enumerate(sizes) if lo <= starts[i] < hi]
 
-            def cost(xs: Tensor, m_all: Tensor) -> Tensor:
-                return (per_sample(xs, m_all) * scale).sum()
-        elif self.running_cost is not None:
-            steps = [it[3] for it in items]
-
-            def cost(xs: Tensor, _m: Tensor) -> Tensor:  # the cost takes one integer step index
-                return sum(self.running_cost(part, mi) for part, mi in zip(xs.split(sizes), steps))
-
-        a_m, _ = adjoint_step(self.step_fn, self.model, m, x, a, noise, schedule=self.schedule,
-                              running_cost=cost, params=self.params, prediction=self.prediction)
-        return list(a_m.split(sizes))
+                def cost(xs: Tensor, _m: Tensor, inside=inside) -> Tensor:  # one integer step index per batch
+                    parts = xs.split([n for _, n in inside])
+                    return sum(self.running_cost(part, items[i][3]) for part, (i, _) in zip(parts, inside))
+            a_m, _ = adjoint_step(self.step_fn, self.model, m[lo:hi], x[lo:hi], a[lo:hi], noise[lo:hi],
+                                  schedule=self.schedule, running_cost=cost, params=self.params,
+                                  prediction=self.prediction)
+            out.append(a_m)
+        return list(torch.cat(out).split(sizes))
 
     def _sequential_sweep(self, flight: _Flight, a: Tensor) -> None:
         for m in range(self.num_sampling_steps - 1, -1, -1):

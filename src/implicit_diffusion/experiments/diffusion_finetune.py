@@ -78,6 +78,7 @@ class Config:
     num_threads: int = 0  # 0: torch's default
     progress: bool = True
     checkpoint_every: int = 0  # iterations between checkpoints, counted in each run of a sweep (0: only on Ctrl-C)
+    max_batch: int = 0  # queue: the most samples per network call (chunks of the M·B in flight); 0: one call
 
     def __post_init__(self) -> None:
         if self.reward not in IMAGE_REWARDS:
@@ -96,7 +97,10 @@ class Config:
             raise ConfigError(f"config key 'sweep_ratios' must be positive numbers, got {self.sweep_ratios!r}")
         if self.sweep and not self.kl_weight > 0:
             raise ConfigError("--sweep varies λ/β: it needs kl_weight > 0")
-        nonnegative(self, "num_threads")
+        nonnegative(self, "num_threads", "max_batch")
+        if self.max_batch and not self.algorithm.startswith("queue"):
+            raise ConfigError(f"config key 'max_batch' chunks the queue's batched calls; algorithm "
+                              f"{self.algorithm!r} runs one batch at a time (use max_batch = 0)")
         check_checkpoint_every(self.checkpoint_every)
 
 
@@ -237,7 +241,8 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
     algo = cls(model, euler_maruyama_step, schedule, optimizer,
                init_fn=lambda gen: torch.randn((config.batch_size // world_size(), *shape), generator=gen),
                reward_fn=reward_fn, reward_weight=lam, running_cost=running_cost, prediction=model.prediction,
-               max_grad_norm=config.max_grad_norm, **options)
+               max_grad_norm=config.max_grad_norm, **options,
+               **({"max_batch": config.max_batch} if config.max_batch else {}))
     # under torchrun each process holds batch_size / W of every batch, with its own random stream
     generator = block_generator(config.seed, rank(), world_size())
     train = np.full(config.num_steps, np.nan)  # the exiting batch's mean reward per iteration

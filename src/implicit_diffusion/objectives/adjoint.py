@@ -67,9 +67,10 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import call_user, check_values
+from .._checks import call_user, callable_name, check_values
 
 __all__ = [
+    "ModelCall",
     "Trajectory",
     "TerminalGrad",
     "SamplerGradInfo",
@@ -114,6 +115,33 @@ class Trajectory(NamedTuple):
     def stored_indices(self) -> list[int]:
         """The step indices j of ``states``: 0, k, 2k, …, M."""
         return _checkpoint_indices(self.num_steps, self.stride)
+
+
+class ModelCall(NamedTuple):
+    """The network evaluation a sampler step made first on the adjoint's x: ``output = model(x, t)``,
+    its graph alive. A running cost marked ``reuses_model_output = True`` receives it as
+    ``model_call=`` and may use ``output`` instead of evaluating the network at (x, t) again."""
+
+    x: Tensor
+    t: Tensor
+    output: Tensor
+
+
+class _Recording:
+    """``model``, recording its first call on exactly ``x`` (the step's own forward, graph included)."""
+
+    def __init__(self, model, x: Tensor):
+        self.model, self.x, self.call = model, x, None
+        self.display_name = callable_name(model)  # error messages name the user's model
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        out = self.model(x, t)
+        if self.call is None and x is self.x:
+            self.call = ModelCall(x, t, out)
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
 
 
 class TerminalGrad(NamedTuple):
@@ -360,12 +388,17 @@ def adjoint_step(
 
 
 def _vjp_step(step, model, m, x_m, a_next, noise, schedule, running_cost, params, step_kwargs):
-    """One adjoint step. Its graph lives only inside this call (nothing of it is returned)."""
+    """One adjoint step. Its graph lives only inside this call (nothing of it is returned).
+
+    A running cost marked ``reuses_model_output`` gets the step's own network output at (x_m, t_m)
+    (:class:`ModelCall`): one forward, and one backward through it, serve both terms."""
     x = x_m.detach().requires_grad_(True)  # a fresh leaf: the graph built here stops at x_m
-    total = _step_objective(step, model, m, x, a_next, noise, schedule, None, step_kwargs)
+    shares = running_cost is not None and getattr(running_cost, "reuses_model_output", False)
+    net = _Recording(model, x) if shares else model
+    total = _step_objective(step, net, m, x, a_next, noise, schedule, None, step_kwargs)
     cost = None
     if running_cost is not None:
-        cost = _scalar_cost(running_cost(x, m), m)
+        cost = _scalar_cost(running_cost(x, m, model_call=net.call) if shares else running_cost(x, m), m)
         total = total + cost
     # inputs=: accumulate into the parameters' .grad (like loss.backward()) and into x.grad.
     total.backward(inputs=[x, *params])

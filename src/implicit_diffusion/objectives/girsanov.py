@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..samplers.schedules import to_score
-from .adjoint import Trajectory
+from .adjoint import ModelCall, Trajectory
 
 __all__ = ["GirsanovKL", "DiscreteMeanKL", "path_kl_cost"]
 
@@ -75,7 +75,13 @@ class GirsanovKL:
             (``samplers.schedules.VPSchedule``), else β ≡ 2 (the OU convention).
         to_score: ``to_score(output, x, t) -> score`` when the model does not output the score,
             e.g. ε-prediction with noise level σ(t): ``lambda eps, x, t: -eps / sigma(t)[:, None]``.
+
+    In an adjoint sweep it reuses the sampler step's own evaluation of s_θ at (x_m, t_m)
+    (``model_call``, see :class:`~.adjoint.ModelCall`) when there is one at exactly its t_m, so
+    each step costs one forward of θ (and one of θ₀), not two of θ.
     """
+
+    reuses_model_output = True  # adjoint steps pass the step's network output as model_call=
 
     def __init__(
         self,
@@ -104,23 +110,28 @@ class GirsanovKL:
     def num_steps(self) -> int:
         return len(self.step_weights)
 
-    def score_gap(self, x: Tensor, m: int | Tensor) -> Tensor:
+    def score_gap(self, x: Tensor, m: int | Tensor, *, model_call: ModelCall | None = None) -> Tensor:
         """‖s_θ(x_i, t_m) − s_θ₀(x_i, t_m)‖² per particle, shape ``(B,)``; ``m`` an int or a
-        per-particle step index ``(B,)``."""
+        per-particle step index ``(B,)``. ``model_call``: the live model's output at (x, t) from the
+        sampler step, used for s_θ when it was evaluated on this x at exactly these times."""
         t = self._times_at(m, x)
-        gap = self._score(self.model, x, t) - self._score(self.reference, x, t)
-        return gap.square().flatten(1).sum(1)
+        if model_call is not None and model_call.x is x and model_call.t.shape == t.shape and \
+                torch.equal(model_call.t, t):
+            live = model_call.output if self.to_score is None else self.to_score(model_call.output, x, t)
+        else:
+            live = self._score(self.model, x, t)
+        return (live - self._score(self.reference, x, t)).square().flatten(1).sum(1)
 
-    def per_sample(self, x: Tensor, m: int | Tensor) -> Tensor:
+    def per_sample(self, x: Tensor, m: int | Tensor, *, model_call: ModelCall | None = None) -> Tensor:
         """w ½β(t_m) h_m ‖Δs(x_i, t_m)‖² per particle, ``(B,)``; ``m`` an int or ``(B,)`` indices.
 
         The queue algorithm sweeps batches at different steps in one call: with per-particle
         indices it weighs each particle by its own step and takes each batch's mean itself."""
         weights = self._weights.to(x.device)[self._index(m, x)].to(x.dtype)
-        return self.weight * weights * self.score_gap(x, m)
+        return self.weight * weights * self.score_gap(x, m, model_call=model_call)
 
-    def __call__(self, x: Tensor, m: int) -> Tensor:
-        return (self.weight * self.step_weights[m]) * self.score_gap(x, m).mean()
+    def __call__(self, x: Tensor, m: int, *, model_call: ModelCall | None = None) -> Tensor:
+        return (self.weight * self.step_weights[m]) * self.score_gap(x, m, model_call=model_call).mean()
 
     def _index(self, m: int | Tensor, x: Tensor) -> Tensor:
         idx = torch.as_tensor(m, dtype=torch.long).expand(x.shape[0]).cpu()
