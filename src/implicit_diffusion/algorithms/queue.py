@@ -19,6 +19,7 @@ over all M·B samples — or of at most ``max_batch`` samples when the calls are
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch
@@ -164,15 +165,13 @@ class DiffusionQueue(DiffusionAlgorithm):
             chunks = self._chunks(len(x))
         else:  # a cost that takes one integer step index: chunks of whole batches
             chunks = self._chunks(len(x), sizes)
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        starts = [0, *itertools.accumulate(sizes)][:-1]
         out = []
         for lo, hi in chunks:
             cost = None
             if per_sample is not None:
-                def cost(xs: Tensor, m_all: Tensor, *, model_call=None, sc=scale[lo:hi]) -> Tensor:
-                    if model_call is None:
-                        return (per_sample(xs, m_all) * sc).sum()
-                    return (per_sample(xs, m_all, model_call=model_call) * sc).sum()
+                def cost(xs: Tensor, m_all: Tensor, sc: Tensor = scale[lo:hi], **shared) -> Tensor:
+                    return (per_sample(xs, m_all, **shared) * sc).sum()  # shared: model_call=, if reused
                 cost.reuses_model_output = getattr(self.running_cost, "reuses_model_output", False)
             elif self.running_cost is not None:
                 inside = [(i, n) for i, n in enumerate(sizes) if lo <= starts[i] < hi]

@@ -115,8 +115,7 @@ class GirsanovKL:
         per-particle step index ``(B,)``. ``model_call``: the live model's output at (x, t) from the
         sampler step, used for s_θ when it was evaluated on this x at exactly these times."""
         t = self._times_at(m, x)
-        if model_call is not None and model_call.x is x and model_call.t.shape == t.shape and \
-                torch.equal(model_call.t, t):
+        if model_call is not None and model_call.x is x and torch.equal(model_call.t, t):
             live = model_call.output if self.to_score is None else self.to_score(model_call.output, x, t)
         else:
             live = self._score(self.model, x, t)

@@ -118,12 +118,12 @@ def _pack(value: Any, name: str, tensors: dict[str, Tensor]) -> list:
         return ["json", value]
     if isinstance(value, Mapping):
         return ["dict", [[k, _pack(v, f"{name}.{k}", tensors)] for k, v in value.items()]]
+    if isinstance(value, list) and all(isinstance(v, _PLAIN) for v in value):
+        return ["json", list(value)]
+    if isinstance(value, list) and all(isinstance(v, float) for v in value):
+        tensors[name] = torch.tensor(value, dtype=torch.float64)
+        return ["floats", name]
     if isinstance(value, (list, tuple)):
-        if all(isinstance(v, _PLAIN) and not isinstance(v, float) for v in value) and isinstance(value, list):
-            return ["json", list(value)]
-        if value and all(isinstance(v, float) for v in value) and isinstance(value, list):
-            tensors[name] = torch.tensor(value, dtype=torch.float64)
-            return ["floats", name]
         kind = "list" if isinstance(value, list) else "tuple"
         return [kind, [_pack(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]]
     raise TypeError(f"{name}: cannot pack a {type(value).__name__}")
