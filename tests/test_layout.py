@@ -4,7 +4,7 @@ Layers, lowest first (README, "Layout"):
 
 1. the library — ``models``, ``samplers``, ``objectives``, ``algorithms``, ``training``, ``data``,
    ``pretrained``, ``metrics`` and what they share (``errors``, ``_checks``, ``distributed``,
-   ``serialization``), and the package root (the public API);
+   ``serialization``, ``devices``), and the package root (the public API);
 2. the run machinery (``runtime``) and the figures (``plotting``; figures never import the run machinery);
 3. the experiments;
 4. the command line (``cli``, ``__main__``).
@@ -27,7 +27,7 @@ import implicit_diffusion
 PACKAGE = "implicit_diffusion"
 ROOT = Path(implicit_diffusion.__file__).parent
 
-BASE = {"errors", "_checks", "distributed", "serialization"}
+BASE = {"errors", "_checks", "distributed", "serialization", "devices"}
 LOWER_LIBRARY = {"models", "samplers", "objectives", "data", "metrics"}
 UPPER_LIBRARY = {"algorithms", "training", "pretrained"}
 LAYERS = {"runtime": 2, "plotting": 2, "experiments": 3, "cli": 4, "__main__": 4}

@@ -92,7 +92,8 @@ def test_state_of_saves_and_restores_every_kind_of_part_in_place():
     steps(*parts, 5)
     names = ("net", "optimizer", "scheduler", "generator", "mean")
     tensors, meta = state_of(dict(zip(names, parts)), "run.")
-    assert all(k.startswith("run.") for k in tensors) and set(meta) == {"optimizer", "scheduler", "mean"}
+    assert all(k.startswith("run.") for k in tensors) and set(meta) == {"optimizer", "scheduler", "mean", "generator"}
+    assert meta["generator"] == {"device": "cpu"}  # the device type its stream belongs to
     steps(*parts, 4)
 
     restored = build()

@@ -4,15 +4,17 @@
                                 [--out DIR] [--no-progress] [--data PATH] [--trust-pickle]
                                 [--reward NAME] [--sweep]
                                 [--checkpoint-every N] [--diffusers-model DIR] [--tensorboard]
+                                [--device auto|cpu|cuda|cuda:N|mps] [--dtype float32|float64|bfloat16]
     implicit-diffusion pretrain DATASET [--data PATH] [--trust-pickle] [same options]
-    implicit-diffusion resume RUN_DIR
+    implicit-diffusion resume RUN_DIR [--device NAME]
     implicit-diffusion report RUN_DIR [RUN_DIR ...] [--out DIR]
     implicit-diffusion list
     torchrun --nproc_per_node W -m implicit_diffusion run NAME --out DIR [...]   (particles sharded)
 
-``--data``, ``--trust-pickle``, ``--reward``, ``--sweep`` and ``--checkpoint-every`` are shorthands
-for the config keys ``data``, ``trust_pickle``, ``reward``, ``sweep`` and ``checkpoint_every``; an
-experiment without such a key says so. ``resume`` continues a run from its checkpoint.
+``--data``, ``--trust-pickle``, ``--reward``, ``--sweep``, ``--checkpoint-every``, ``--device`` and
+``--dtype`` are shorthands for the config keys ``data``, ``trust_pickle``, ``reward``, ``sweep``,
+``checkpoint_every``, ``device`` and ``dtype``; an experiment without such a key says so. ``resume``
+continues a run from its checkpoint, on another device with ``--device``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a local diffusers UNet2DModel + scheduler directory (same as --set diffusers_model=DIR)")
     c = sub.add_parser("resume", help="continue an interrupted run from its checkpoint")
     c.add_argument("run_dir", metavar="RUN_DIR", help="the run's output directory")
+    c.add_argument("--device", metavar="NAME",
+                   help="continue on this device instead of the run's own (auto, cpu, cuda, cuda:N, mps); "
+                        "on another device type the random streams are re-seeded")
     rep = sub.add_parser("report", help="plot every metric of one or several runs, with a Markdown summary")
     rep.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run output directories (several: compared)")
     rep.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/report for one run)")
@@ -68,6 +73,11 @@ def _common_options(r: argparse.ArgumentParser) -> None:
                         "Ctrl-C always writes one)")
     r.add_argument("--trust-pickle", action="store_true",
                    help="allow reading pickled files (CIFAR-10 python batches) from a trusted source")
+    r.add_argument("--device", metavar="NAME",
+                   help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps (same as --set device=NAME)")
+    r.add_argument("--dtype", metavar="NAME",
+                   help="float32, float64 or, for the diffusion experiments, bfloat16: autocast network forwards "
+                        "with float32 master weights (same as --set dtype=NAME)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -92,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
                   "trust_pickle": True if args.trust_pickle else None, "reward": getattr(args, "reward", None),
                   "sweep": True if getattr(args, "sweep", False) else None,
                   "checkpoint_every": getattr(args, "checkpoint_every", None),
-                  "diffusers_model": getattr(args, "diffusers_model", None)}
+                  "diffusers_model": getattr(args, "diffusers_model", None), "device": args.device,
+                  "dtype": args.dtype}
     sources.append({k: v for k, v in shorthands.items() if v is not None})
     config = build_config(experiment.Config, *sources)
     sharded = distributed.init_from_env()  # under torchrun: join the process group
@@ -122,7 +133,7 @@ def _resume(args: argparse.Namespace) -> int:
 
     jobs = {**EXPERIMENTS, "pretrain": pretrain}
     start = time.perf_counter()
-    name, config, result, files = resume(args.run_dir, jobs)
+    name, config, result, files = resume(args.run_dir, jobs, device=args.device)
     _report(name, jobs[name], config, result, files, args.run_dir, start)
     return 0
 

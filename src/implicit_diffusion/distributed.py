@@ -8,7 +8,11 @@ the shares, so every process applies the same Γ and θ stays identical everywhe
 process of rank 0 writes files (:func:`is_main`).
 
 Outside a process group every function here is the single-process identity (no cost, no
-change in results). gloo is used on CPU and NCCL on GPU.
+change in results). On a machine with GPUs the group has both backends, ``cpu:gloo,cuda:nccl``:
+each collective goes to the one for its tensors' device (NCCL takes CUDA tensors only), and each
+process uses the GPU of its ``LOCAL_RANK`` (``torch.cuda.set_device``). Counts and flags are
+reduced on the device of the data they describe; gradients in a few flat buckets, not one call
+per parameter.
 """
 
 from __future__ import annotations
@@ -56,21 +60,29 @@ def is_main() -> bool:
 
 def init_from_env() -> bool:
     """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1); returns
-    whether one is active. Backend: NCCL when CUDA is available, gloo otherwise."""
+    whether one is active. Backend: gloo for CPU tensors, plus NCCL for CUDA tensors when there
+    are GPUs (then this process's current GPU is ``cuda:LOCAL_RANK``)."""
     if active():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) on this machine")
+        torch.cuda.set_device(local)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group(backend="gloo")
     return True
 
 
-def global_count(n: int) -> int:
-    """The total number of particles over all processes, given this process's ``n``."""
+def global_count(n: int, device: torch.device | str = "cpu") -> int:
+    """The total number of particles over all processes, given this process's ``n`` (reduced on
+    ``device``: the particles', so a CUDA run needs no CPU collective)."""
     if not active():
         return n
-    t = torch.tensor([n], dtype=torch.int64)
+    t = torch.tensor([n], dtype=torch.int64, device=device)
     dist.all_reduce(t)
     return int(t)
 
@@ -90,7 +102,8 @@ def global_mean(values: Tensor, total: int | None = None) -> Tensor:
 
 
 def agree(ok: bool) -> bool:
-    """True if ``ok`` holds on every process (a collective: all processes must call it)."""
+    """True if ``ok`` holds on every process (a collective: all processes must call it; on the CPU
+    backend, which every group has)."""
     if not active():
         return ok
     t = torch.tensor([1 if ok else 0], dtype=torch.int64)
@@ -98,13 +111,35 @@ def agree(ok: bool) -> bool:
     return bool(t)
 
 
-def all_reduce_grads(params: Iterable[Tensor]) -> None:
-    """Sum every parameter's ``.grad`` over the processes (each holds its particles' share of Γ)."""
+BUCKET_NUMEL = 1 << 22  # 4M numbers (16 MiB in float32) per all-reduce call
+
+
+def all_reduce_grads(params: Iterable[Tensor], bucket_numel: int = BUCKET_NUMEL) -> None:
+    """Sum every parameter's ``.grad`` over the processes (each holds its particles' share of Γ).
+
+    The gradients are flattened into buckets of at most ``bucket_numel`` numbers (one per device
+    and dtype, in parameter order), each all-reduced in one call and copied back: a network's
+    hundreds of small tensors cost a few collectives, not one each. Every process must hold the
+    same parameters with gradients (the order and shapes decide the buckets)."""
     if not active():
         return
+    groups: dict[tuple, list[Tensor]] = {}
     for p in params:
         if p.grad is not None:
-            dist.all_reduce(p.grad)
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in groups.values():
+        bucket: list[Tensor] = []
+        size = 0
+        for g in [*grads, None]:
+            if bucket and (g is None or size + g.numel() > bucket_numel):
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat)
+                for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                    b.copy_(part.view_as(b))
+                bucket, size = [], 0
+            if g is not None:
+                bucket.append(g)
+                size += g.numel()
 
 
 def all_gather_rows(x: Tensor) -> Tensor:
@@ -112,8 +147,8 @@ def all_gather_rows(x: Tensor) -> Tensor:
     single-process). The row counts may differ between processes."""
     if not active():
         return x
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size())]
-    dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.int64))
+    counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device))
     rows = [int(c) for c in counts]
     padded = x.new_zeros((max(rows), *x.shape[1:]))  # gloo gathers equal shapes only
     padded[: x.shape[0]] = x

@@ -10,8 +10,10 @@ exactly (shortest repr), so a reloaded optimizer is bit-identical.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CrossDeviceResume",
     "atomic_write_text",
+    "load_generator_state",
     "load_optimizer_state",
     "optimizer_state",
     "save_tensors",
@@ -70,6 +74,27 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Tensor],
 
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     _write_atomically(path, lambda tmp: save_file(cpu, tmp, metadata=dict(metadata or {})))
+
+
+class CrossDeviceResume(UserWarning):
+    """A run saved on one device type continues on another: its random streams were re-seeded."""
+
+
+def load_generator_state(generator: torch.Generator, state: Tensor, saved_device: str = "cpu") -> None:
+    """``generator.set_state(state)`` when ``state`` was saved from a generator of the same device
+    type (``saved_device``: ``"cpu"``, ``"cuda"``, ...); else a deterministic re-seed from a hash of
+    ``state``, with a :class:`CrossDeviceResume` warning. A generator's stream cannot move between
+    device types (a CPU generator's state is a Mersenne Twister, a CUDA one's a seed and an
+    offset), so a run resumed on another device goes on with the same law, not the same draws."""
+    if saved_device == generator.device.type:
+        generator.set_state(state)
+        return
+    seed = int.from_bytes(hashlib.sha256(state.cpu().numpy().tobytes()).digest()[:8], "little")
+    generator.manual_seed(seed)
+    warnings.warn(f"random streams saved on the {saved_device!r} device continue on {generator.device.type!r}: "
+                  f"a generator's state cannot move between device types, so they are re-seeded from the "
+                  f"saved states (deterministically); the run goes on with the same law, not the same draws",
+                  CrossDeviceResume, stacklevel=3)
 
 
 def with_prefix(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -16,7 +16,11 @@ Checkpoints (``checkpoint_every``, Ctrl-C, ``implicit-diffusion resume``) hold t
 of the run in progress — θ and Adam's moments, the generator, the queue's in-flight batches and
 pending adjoints, the rewards and evaluations so far — and, in a sweep, which run is in
 progress and the finished runs' results, so a resumed run ends bit for bit where an
-uninterrupted one would (on CPU).
+uninterrupted one would (on the same device).
+
+``device`` (auto, cpu, cuda, cuda:N, mps) holds the model, the queue's batches, the generators
+and Adam's state; ``dtype``: float32, float64 (checks), or bfloat16 — the network's forwards
+under autocast, float32 master weights (devices.Autocast).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 
 from ..algorithms import DIFFUSION_ALGORITHMS
+from ..devices import PRECISIONS, Precision, check_device_name, generator_on, resolve_device, resolve_precision
 from ..distributed import is_main, rank, world_size
 from ..errors import ConfigError, DivergenceError, NonFiniteError
 from ..objectives.evaluation import Evaluation, evaluate, rise_in_se, sample_images
@@ -41,7 +46,7 @@ from ..runtime.recording import EvalRecorder
 from ..runtime.state import load_state_of, pack, state_of, unpack
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
-from ..runtime.validation import nonnegative, positive
+from ..runtime.validation import nonnegative, one_of, positive
 from ..samplers.blocks import block_generator
 from ..samplers.diffusion import euler_maruyama_step
 from ..samplers.schedules import VPSchedule
@@ -79,6 +84,10 @@ class Config:
     progress: bool = True
     checkpoint_every: int = 0  # iterations between checkpoints, counted in each run of a sweep (0: only on Ctrl-C)
     max_batch: int = 0  # queue: the most samples per network call (chunks of the M·B in flight); 0: one call
+    queue_fill: str = "wait"  # pipelined queue: no θ update until its gradient is complete; "partial": the fill's too
+    queue_tail: str = "drop"  # pipelined queue, after the last iteration: "drop" the adjoints in flight or "apply" them
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps
+    dtype: str = "float32"  # float32, float64 (checks), bfloat16 (autocast forwards, float32 master weights)
 
     def __post_init__(self) -> None:
         if self.reward not in IMAGE_REWARDS:
@@ -102,6 +111,14 @@ class Config:
             raise ConfigError(f"config key 'max_batch' chunks the queue's batched calls; algorithm "
                               f"{self.algorithm!r} runs one batch at a time (use max_batch = 0)")
         check_checkpoint_every(self.checkpoint_every)
+        check_device_name(self.device)
+        one_of(self, "dtype", PRECISIONS)
+        one_of(self, "queue_fill", ("wait", "partial"))
+        one_of(self, "queue_tail", ("drop", "apply"))
+        for key, default in (("queue_fill", "wait"), ("queue_tail", "drop")):
+            if getattr(self, key) != default and self.algorithm != "queue-pipelined":
+                raise ConfigError(f"config key {key!r} sets the edges of the pipelined queue; algorithm "
+                                  f"{self.algorithm!r} has none (leave it at {default!r})")
 
 
 @dataclass
@@ -114,8 +131,9 @@ class RunRecord:
     train_reward: np.ndarray  # exiting batch's mean reward per iteration (NaN while the queue fills)
     evals: dict[str, list[float]]  # step, reward, reward_se, kl, kl_se
     grids: list[tuple[int, torch.Tensor]]  # (θ updates, images) on fixed noise
-    state: dict[str, torch.Tensor]  # finetuned weights
+    state: dict[str, torch.Tensor]  # finetuned weights (on the CPU)
     wall_time: float
+    edges: dict = field(default_factory=dict)  # pipelined queue: fill, tail, contributions dropped or applied
 
 
 @dataclass
@@ -139,7 +157,8 @@ class Result:
             f = self.final(r)
             out["runs"].append({"label": r.label, "reward_weight": r.reward_weight, "kl_weight": r.kl_weight,
                                 "reward": f.reward, "reward_se": f.reward_se, "kl": f.kl, "kl_se": f.kl_se,
-                                "rise_in_se": rise_in_se(self.base, f), "wall_time_s": r.wall_time})
+                                "rise_in_se": rise_in_se(self.base, f), "wall_time_s": r.wall_time,
+                                **({"queue_edges": r.edges} if r.edges else {})})
         return out
 
 
@@ -157,7 +176,8 @@ def _load_model(config: Config, metrics_sink):
 
         pre = pretrain.run(pretrain.Config(dataset="images", data=config.data, trust_pickle=config.trust_pickle,
                                            num_steps=config.pretrain_steps, seed=config.seed,
-                                           progress=config.progress), metrics_sink=metrics_sink)
+                                           progress=config.progress, device=config.device, dtype=config.dtype),
+                         metrics_sink=metrics_sink)
         return pre.model, pre.schedule, tuple(pre.data_sample.shape[1:]), f"pretrained here on {config.data}", None
     if config.model:
         loaded, source = load_score_model(config.model), config.model
@@ -189,19 +209,22 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
                           f"got {config.batch_size}")
     resumed = checkpoints.state if checkpoints.resumed else None
     # on resume, pretraining (--data) is redone from its seed; its records are already in the metrics
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.dtype, device)
     model, trained_schedule, shape, source, diffusers = _load_model(config, sink if resumed is None else
                                                                     (lambda records: None))
-    model.train(False)
+    model = model.to(device=device, dtype=precision.dtype).train(False)
+    net = precision.wrap(model)  # what the sampler calls: model itself, or its forward under autocast
     reward_fn = IMAGE_REWARDS[config.reward]
     if config.reward == "red" and shape[0] != 3:
         raise ConfigError(f"the red reward needs a colour (3-channel) model; {source} has {shape[0]} channel(s)")
     schedule = replace(trained_schedule, num_steps=config.num_sampling_steps)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resumed is None:
-        kl0 = path_kl_cost(model, schedule, 1.0)
-        g = torch.Generator().manual_seed(config.seed + 1)
-        base, _ = evaluate(model, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
-                           kl=kl0, generator=g, prediction=model.prediction)
+        kl0 = path_kl_cost(net, schedule, 1.0)
+        base, _ = evaluate(net, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
+                           kl=kl0, generator=generator_on(device, config.seed + 1), prediction=model.prediction,
+                           dtype=precision.dtype)
     else:
         base = Evaluation(*resumed[0]["base"].tolist())
     result = Result(config, source, schedule, base, model=model, shape=shape, diffusers=diffusers)
@@ -221,42 +244,49 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
     with checkpoints.catch_interrupts():
         for i, lam in enumerate(weights[first:], start=first):
             model.load_state_dict(initial)  # θ₀ of the path KL, also for a resumed run (θ is loaded later)
-            result.runs.append(_finetune(config, model, schedule, shape, reward_fn, lam, sink, checkpoints=checkpoints,
-                                         sweep_state=sweep_state, resumed=resumed if i == first else None))
+            result.runs.append(_finetune(config, model, net, precision, schedule, shape, reward_fn, lam, sink,
+                                         checkpoints=checkpoints, sweep_state=sweep_state,
+                                         resumed=resumed if i == first else None))
     return result
 
 
-def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sink, *,
+def _finetune(config: Config, model, net, precision: Precision, schedule, shape, reward_fn, lam: float, sink, *,
               checkpoints: Checkpoints | NoCheckpoints, sweep_state=lambda: ({}, {}),
               resumed: tuple[dict[str, torch.Tensor], dict] | None = None) -> RunRecord:
-    """One run (one λ). ``resumed``: a checkpoint taken during this run, to continue from;
-    ``sweep_state() -> (tensors, meta)``: the rest of the sweep, saved with each checkpoint."""
+    """One run (one λ) of ``model`` (θ), whose forward is ``net`` (``model`` or its autocast).
+    ``resumed``: a checkpoint taken during this run, to continue from; ``sweep_state() -> (tensors,
+    meta)``: the rest of the sweep, saved with each checkpoint."""
     beta = config.kl_weight
     label = f"λ/β = {lam / beta:g}" if beta > 0 else f"λ = {lam:g}, β = 0"
     cls, options = ALGORITHMS[config.algorithm]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    running_cost = path_kl_cost(model, schedule, beta) if beta > 0 else None  # θ₀: the weights now
-    kl_eval = running_cost or path_kl_cost(model, schedule, 1.0)
-    algo = cls(model, euler_maruyama_step, schedule, optimizer,
-               init_fn=lambda gen: torch.randn((config.batch_size // world_size(), *shape), generator=gen),
+    running_cost = path_kl_cost(net, schedule, beta) if beta > 0 else None  # θ₀: the weights now
+    kl_eval = running_cost or path_kl_cost(net, schedule, 1.0)
+    device, dtype = params[0].device, precision.dtype
+    algo = cls(net, euler_maruyama_step, schedule, optimizer,
+               init_fn=lambda gen: torch.randn((config.batch_size // world_size(), *shape), generator=gen,
+                                               device=device, dtype=dtype),
                reward_fn=reward_fn, reward_weight=lam, running_cost=running_cost, prediction=model.prediction,
                max_grad_norm=config.max_grad_norm, **options,
+               **({"fill": config.queue_fill, "tail": config.queue_tail}
+                  if config.algorithm == "queue-pipelined" else {}),
                **({"max_batch": config.max_batch} if config.max_batch else {}))
     # under torchrun each process holds batch_size / W of every batch, with its own random stream
-    generator = block_generator(config.seed, rank(), world_size())
+    generator = block_generator(config.seed, rank(), world_size(), device)
     train = np.full(config.num_steps, np.nan)  # the exiting batch's mean reward per iteration
 
     def measure(done: int, _x) -> dict:
         """Reward and path KL of fresh samples, each ± SE (independent noise at every evaluation)."""
-        ev, _ = evaluate(model, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
-                         kl=kl_eval, generator=torch.Generator().manual_seed(config.seed + 1000 + done),
-                         prediction=model.prediction)
+        ev, _ = evaluate(net, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
+                         kl=kl_eval, generator=generator_on(device, config.seed + 1000 + done),
+                         prediction=model.prediction, dtype=dtype)
         return ev._asdict()
 
     def grid(done: int, _x) -> torch.Tensor:  # the same noise at every grid: rows are comparable across steps
-        return sample_images(model, euler_maruyama_step, schedule, shape, config.grid_images,
-                             generator=torch.Generator().manual_seed(config.seed + 2), prediction=model.prediction)[-1]
+        return sample_images(net, euler_maruyama_step, schedule, shape, config.grid_images,
+                             generator=generator_on(device, config.seed + 2), prediction=model.prediction,
+                             dtype=dtype)[-1].cpu()
 
     evals = EvalRecorder(measure, config.eval_every, config.num_steps, sink, step_key="eval_step",
                          labels={"run": label}, snapshot=grid,
@@ -276,6 +306,15 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
         recorded = k + 1
         if (k + 1) % 100 == 0:
             flush(k + 1)
+
+    edges: dict = {}
+
+    def drain(k: int, _x, stats: dict) -> None:
+        """After the last iteration, the pipelined queue's tail: dropped or applied (then the final
+        evaluation sees the drained θ); both counted in the summary."""
+        if k == config.num_steps - 1 and hasattr(algo, "drain") and algo.adjoint == "pipelined":
+            pending = algo.pending_contributions()
+            edges.update(fill=algo.fill, tail=algo.tail, tail_contributions=pending, drain_updates=algo.drain())
 
     parts = {"algo": algo, "generator": generator, "evals": evals}  # saved as "run.*"
     elapsed = 0.0  # wall time before a resume
@@ -306,7 +345,7 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
             # the checkpoint last: it saves what the others recorded
             hint = f"a smaller lr (now {config.lr:g}) or max_grad_norm (now {config.max_grad_norm:g})"
             guard = DivergenceGuard(params, hint)  # first: nothing non-finite is recorded or checkpointed
-            callbacks = [guard, record, evals, bar, checkpoints.callback(state)]
+            callbacks = [drain, guard, record, evals, bar, checkpoints.callback(state)]
             try:
                 algo.run(config.num_steps - first, generator=generator, start=first, callbacks=callbacks)
             except NonFiniteError as e:  # the weights are finite but already produce inf/NaN samples
@@ -317,7 +356,7 @@ def _finetune(config: Config, model, schedule, shape, reward_fn, lam: float, sin
     wall = elapsed + time.perf_counter() - start
     flush(config.num_steps)
     return RunRecord(label, lam, beta, train, {"step": evals.steps, **evals.values}, list(evals.snapshots.items()),
-                     {k: v.detach().clone() for k, v in model.state_dict().items()}, wall)
+                     {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, wall, edges)
 
 
 def save(result: Result, run_dir) -> list[str]:
@@ -369,4 +408,12 @@ def table(result: Result) -> str:
         rows.append((f"{r.label}: {result.config.reward} / path KL",
                      f"{f.reward:.4f} ± {f.reward_se:.4f} (rise {rise_in_se(b, f):+.1f} SE) / "
                      f"{f.kl:.3f} ± {f.kl_se:.3f}   [{r.wall_time:.0f} s]"))
+    edges = next((r.edges for r in result.runs if r.edges), None)
+    if edges:
+        m = result.config.num_sampling_steps
+        fill = (f"no θ update before iteration {2 * (m - 1)} (complete gradients only)" if edges["fill"] == "wait"
+                else f"the first {m - 1} updates are partial gradients")
+        tail = (f"{edges['tail_contributions']} batch-step contributions still in flight at the end "
+                + ("dropped" if edges["tail"] == "drop" else f"applied in {edges['drain_updates']} drain updates"))
+        rows.append(("pipelined queue: fill / tail", f"{fill} / {tail}"))
     return key_values(rows)

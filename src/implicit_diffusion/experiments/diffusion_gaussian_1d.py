@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..algorithms import DIFFUSION_ALGORITHMS
+from ..devices import check_device_name, generator_on, resolve_device
 from ..errors import ConfigError
 from ..runtime.progress import ProgressBar
 from ..runtime.tables import key_values
@@ -42,9 +43,11 @@ class Config:
     algorithms: tuple[str, ...] = ("queue-pipelined", "queue-sequential", "nested-adjoint")
     seed: int = 0
     progress: bool = True
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps (float64 throughout)
 
     def __post_init__(self) -> None:
         positive(self, "T", "num_sampling_steps", "batch_size", "num_steps", "lr")
+        check_device_name(self.device)
         bad = [a for a in self.algorithms if a not in ALGORITHMS]
         if bad or not self.algorithms:
             raise ConfigError(f"config key 'algorithms': unknown {bad or 'empty list'}; "
@@ -113,17 +116,18 @@ def _run(config: Config, metrics_sink) -> Result:
     schedule = VPSchedule("ou", num_steps=config.num_sampling_steps, T=config.T, t_min=0.0)
     gain, variance = linear_law(schedule)
     thetas, rewards, walls = {}, {}, {}
-    target = config.theta_target
+    target, device = config.theta_target, resolve_device(config.device)
 
     def reward_fn(x: torch.Tensor) -> torch.Tensor:
         return -((x[:, 0] - target) ** 2)
 
     for name in config.algorithms:
         cls, options = ALGORITHMS[name]
-        generator = torch.Generator().manual_seed(config.seed)
-        model = GaussianScore(config.theta0)
+        generator = generator_on(device, config.seed)
+        model = GaussianScore(config.theta0).to(device)
         algo = cls(model, euler_maruyama_step, schedule, torch.optim.SGD(model.parameters(), lr=config.lr),
-                   init_fn=lambda g: torch.randn(config.batch_size, 1, generator=g, dtype=torch.float64),
+                   init_fn=lambda g: torch.randn(config.batch_size, 1, generator=g, dtype=torch.float64,
+                                                 device=device),
                    reward_fn=reward_fn, **options)
         th = np.empty(config.num_steps)
         rw = np.full(config.num_steps, np.nan)

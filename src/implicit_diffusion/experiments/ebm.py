@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..algorithms import NestedLoop, SingleLoop
 from ..data.builtin import train_heldout
+from ..devices import check_device_name, generator_on, resolve_device
 from ..errors import ConfigError
 from ..metrics import mmd2
 from ..models import EnergyMLP
@@ -87,6 +88,7 @@ class EBMConfig:
     compare: bool = True  # also train the nested baseline
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float32"
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps
     num_threads: int = 0  # 0: 1 thread for small batches (see runtime.threads)
     progress: bool = True
     checkpoint_every: int = 0  # θ updates between checkpoints, in each method's loop (0: only on Ctrl-C)
@@ -111,6 +113,7 @@ class EBMConfig:
             )
         nonnegative(self, "num_threads", note="(0 = automatic)")
         check_checkpoint_every(self.checkpoint_every)
+        check_device_name(self.device)
 
     @property
     def heldout_size(self) -> int:
@@ -164,10 +167,11 @@ class EBMResult:
         return out
 
 
-def _make_energy(config: EBMConfig, dim: int, dtype: torch.dtype) -> EnergyMLP:
-    """The energy MLP with θ₀ drawn from a generator seeded by the config (the same θ₀ for both methods)."""
+def _make_energy(config: EBMConfig, dim: int, dtype: torch.dtype, device: torch.device) -> EnergyMLP:
+    """The energy MLP with θ₀ drawn from a generator seeded by the config (the same θ₀ for both
+    methods, and on every device: drawn on the CPU, then moved)."""
     net = EnergyMLP(dim, hidden=config.hidden, depth=config.depth).to(dtype)
-    return net.reset_parameters(torch.Generator().manual_seed(config.seed + 2))
+    return net.reset_parameters(torch.Generator().manual_seed(config.seed + 2)).to(device)
 
 
 def run(config: EBMConfig, *, metrics_sink: Callable[[list[dict]], None] | None = None,
@@ -184,20 +188,22 @@ def run(config: EBMConfig, *, metrics_sink: Callable[[list[dict]], None] | None 
 
 def _run(config: EBMConfig, sink, checkpoints: Checkpoints | None = None) -> EBMResult:
     checkpoints = checkpoints or NoCheckpoints()
-    dtype = getattr(torch, config.dtype)
+    dtype, device = getattr(torch, config.dtype), resolve_device(config.device)
     _, init_std, bandwidths, _ = config.resolved()
+    # the data (and the minibatch stream, objectives.kl) come from CPU generators: the same on every device
     train, heldout = train_heldout(config.data, config.num_train, config.heldout_size,
                                    generator=torch.Generator().manual_seed(config.seed), dtype=dtype)
+    train, heldout = train.to(device), heldout.to(device)
     dim = train.shape[1]
     n_floor = min(train.shape[0], heldout.shape[0])
     floor_idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(config.seed + 3))[:n_floor]
 
     def init_fn(g: torch.Generator | None) -> Tensor:
-        return init_std * torch.randn(config.num_particles, dim, generator=g, dtype=dtype)
+        return init_std * torch.randn(config.num_particles, dim, generator=g, dtype=dtype, device=device)
 
-    initial = init_fn(torch.Generator().manual_seed(config.seed))  # what the single loop starts from
-    result = EBMResult(config, heldout.double().numpy(), initial.double().numpy(),
-                       float(mmd2(train[floor_idx], heldout, bandwidths)))
+    initial = init_fn(generator_on(device, config.seed))  # what the single loop starts from
+    result = EBMResult(config, heldout.double().cpu().numpy(), initial.double().cpu().numpy(),
+                       float(mmd2(train[floor_idx.to(device)], heldout, bandwidths)))
 
     budget = config.num_steps * config.sampler_steps_per_update
     methods = [("single", config.num_steps)]
@@ -225,11 +231,11 @@ def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Te
     ``resumed``: ``(tensors, meta)`` of a checkpoint taken during this method, to continue from.
     """
     gamma, _, bandwidths, alpha = config.resolved()
-    potential = _make_energy(config, train.shape[1], train.dtype)
+    potential = _make_energy(config, train.shape[1], train.dtype, train.device)
     batches = torch.Generator().manual_seed(config.seed + 1)  # the same minibatch stream for both methods
     estimator = MinibatchContrastiveKL(train, config.batch_size, generator=batches, energy_penalty=alpha)
     optimizer = torch.optim.Adam(potential.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = generator_on(train.device, config.seed)
     if key == "single":
         algo = SingleLoop(potential, estimator, optimizer, step_size=gamma,
                           sampler_steps_per_update=config.sampler_steps_per_update)
@@ -257,7 +263,8 @@ def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Te
     if resumed is not None:
         tensors, saved = resumed
         load_state_of(parts, tensors, saved, "train.")
-        x0, first, before = tensors["train.particles"].to(train.dtype), checkpoints.start, saved["train_seconds"]
+        x0, first, before = (tensors["train.particles"].to(train.device, train.dtype), checkpoints.start,
+                             saved["train_seconds"])
     elif x0 is not None:
         evaluator.record(0, x0)
     eval_before = evaluator.seconds
@@ -285,7 +292,7 @@ def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Te
         x = algo.run(x0, updates - first, generator=generator, start=first, callbacks=callbacks)
     wall = seconds()
     # fresh samples from p₀ on the learned energy, with a generator seeded identically for every method
-    g = torch.Generator().manual_seed(config.seed + 4)
+    g = generator_on(train.device, config.seed + 4)
     with torch.no_grad():
         fresh = langevin_chain(init_fn(g), potential, config.fresh_steps, step_size=gamma, generator=g)
         mmd_fresh = float(mmd2(fresh, heldout, bandwidths))
@@ -294,15 +301,15 @@ def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Te
     return MethodResult(
         name=label, updates=updates, sampler_steps=updates * spu, eval_steps=np.array(evaluator.steps),
         mmd_particles=evaluator.column("mmd2_particles"), energy_gap=evaluator.column("energy_gap"),
-        mmd_fresh=mmd_fresh, energy_gap_fresh=gap_fresh, particles=x.double().numpy().copy(),
-        fresh=fresh.double().numpy().copy(),
-        state={k: v.detach().clone() for k, v in potential.state_dict().items()}, wall_time=wall,
+        mmd_fresh=mmd_fresh, energy_gap_fresh=gap_fresh, particles=x.double().cpu().numpy().copy(),
+        fresh=fresh.double().cpu().numpy().copy(),
+        state={k: v.detach().to("cpu", copy=True) for k, v in potential.state_dict().items()}, wall_time=wall,
     )
 
 
 def _add_densities(result: EBMResult, train: Tensor, size: int = 160) -> None:
     """exp(−V) of each method on a grid around the data, normalised so that Σ p · cell area = 1."""
-    pts = train.double().numpy()
+    pts = train.double().cpu().numpy()
     lo, hi = pts.min(0) - 1.0, pts.max(0) + 1.0
     result.grid_extent = (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]))
     for m in result.methods.values():

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..algorithms import JointBilevel, NestedBilevel, make_optimizer
+from ..devices import check_device_name, resolve_device
 from ..errors import ConfigError
 from ..models.regression import Problem, load_problem, minimize_1d
 from ..runtime.progress import ProgressBar
@@ -66,6 +67,7 @@ class HyperparameterConfig:
     grid_points: int = 361
     seed: int = 0  # train/validation split
     num_threads: int = 1
+    device: str = "auto"  # the algorithms' (auto: CUDA when available, else CPU); exact references on the CPU
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -84,6 +86,7 @@ class HyperparameterConfig:
                 f"config keys 'grid_min' < 'grid_max' required, got {self.grid_min!r} and {self.grid_max!r}")
         if self.grid_points < 3:
             raise ConfigError(f"config key 'grid_points' must be >= 3, got {self.grid_points!r}")
+        check_device_name(self.device)
         if self.num_threads < 1:
             raise ConfigError(f"config key 'num_threads' must be >= 1, got {self.num_threads!r}")
 
@@ -166,21 +169,23 @@ def _run(config: HyperparameterConfig, sink) -> HyperparameterResult:
     reference += f": grid of {points} on [{lo:g}, {hi:g}], then bisection on the exact ℓ′(θ)"
     result = HyperparameterResult(config, theta0, theta_star, problem.value(theta_star), problem.value(theta0), eta,
                                   reference)
-    d = problem.A.shape[1]
+    d, device = problem.A.shape[1], resolve_device(config.device)
+    on_device = problem.to(device)  # what the algorithms see; the exact ℓ(θ_k) is evaluated on the CPU
     for name in ("single loop", "nested"):
-        theta = torch.nn.Parameter(torch.tensor(theta0, dtype=torch.float64))
+        theta = torch.nn.Parameter(torch.tensor(theta0, dtype=torch.float64, device=device))
         optimizer = make_optimizer(config.optimizer, [theta], config.outer_lr, foreach=False)
         if name == "single loop":
-            algo = JointBilevel(problem.inner_loss, problem.outer_loss, theta, optimizer, step_size=eta,
+            algo = JointBilevel(on_device.inner_loss, on_device.outer_loss, theta, optimizer, step_size=eta,
                                 inner_steps_per_update=config.inner_steps_per_update, cg_steps=config.cg_steps)
             steps = config.num_updates
         else:
-            algo = NestedBilevel(problem.inner_loss, problem.outer_loss, theta, optimizer, step_size=eta,
+            algo = NestedBilevel(on_device.inner_loss, on_device.outer_loss, theta, optimizer, step_size=eta,
                                  inner_tol=config.nested_inner_tol, max_inner_steps=config.nested_max_inner_steps,
                                  cg_tol=config.nested_cg_tol, max_cg_steps=config.nested_max_cg_steps,
                                  warm_start=config.nested_warm_start)
             steps = config.nested_updates
-        result.traces[name] = _trace(name, algo, problem, torch.zeros(d, dtype=torch.float64), steps, config, sink)
+        result.traces[name] = _trace(name, algo, problem, torch.zeros(d, dtype=torch.float64, device=device), steps,
+                                     config, sink)
     return result
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ..algorithms import NestedLoop, SingleLoop, make_lr_scheduler, make_optimizer
 from ..algorithms.base import run_steps
+from ..devices import check_device_name, generator_on, resolve_device
 from ..distributed import all_gather_rows, is_main, world_size
 from ..errors import ConfigError
 from ..models import (
@@ -73,6 +74,7 @@ class LangevinMixtureConfig:
     tilt_weight: float = 1.0  # λ_s in V − λ_s R_s
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float32"
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps
     num_threads: int = 0  # 0: 1 thread below 20,000 numbers per batch, torch's default above
     progress: bool = True
     checkpoint_every: int = 0  # θ updates between checkpoints (0: only on Ctrl-C)
@@ -90,6 +92,7 @@ class LangevinMixtureConfig:
             raise ConfigError(f"config key 'particle_blocks' must be >= 1 and divide num_particles "
                               f"({self.num_particles}), got {self.particle_blocks}")
         check_checkpoint_every(self.checkpoint_every)
+        check_device_name(self.device)
         nonnegative(self, "num_threads", note="(0 = automatic)")
         nonnegative(self, "kl_weight")
         if self.sampler == "myula-box" and self.step_size > 1.0:
@@ -139,8 +142,8 @@ class LangevinMixtureResult:
 
 
 def _initial_particles(n: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """p₀ = N(0, I), shape ``(n, 2)``."""
-    return torch.randn(n, 2, generator=generator, dtype=dtype)
+    """p₀ = N(0, I), shape ``(n, 2)``, on the generator's device."""
+    return torch.randn(n, 2, generator=generator, dtype=dtype, device=generator.device)
 
 
 class _Problem(NamedTuple):
@@ -153,11 +156,12 @@ class _Problem(NamedTuple):
     setup: SamplerSetup
 
 
-def _problem(config: LangevinMixtureConfig, dtype: torch.dtype) -> _Problem:
-    potential = hexagon_mixture(config.theta0, dtype=dtype)
+def _problem(config: LangevinMixtureConfig, dtype: torch.dtype, device: torch.device) -> _Problem:
+    potential = hexagon_mixture(config.theta0, dtype=dtype).to(device)
     reference = hexagon_mixture(config.theta0, dtype=torch.float64)  # the preconditioner's V(·, θ₀)
     setup = sampler_setup(config.sampler, config.step_size, reference=reference, reference_points=reference.means)
-    return _Problem(potential, *setup.translate(potential, REWARDS[config.reward], dtype), setup)
+    algo_potential, reward_fn = setup.translate(potential, REWARDS[config.reward], dtype)
+    return _Problem(potential, algo_potential.to(device), reward_fn, setup)
 
 
 def run(
@@ -177,12 +181,12 @@ def run(
 
 def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints | None) -> LangevinMixtureResult:
     checkpoints = checkpoints or NoCheckpoints()
-    dtype = getattr(torch, config.dtype)
+    dtype, device = getattr(torch, config.dtype), resolve_device(config.device)
     _check_sharding(config)
-    blocks = ParticleBlocks(config.seed, config.particle_blocks, config.num_particles)
-    problem = _problem(config, dtype)
+    blocks = ParticleBlocks(config.seed, config.particle_blocks, config.num_particles, device)
+    problem = _problem(config, dtype, device)
     potential, setup = problem.potential, problem.setup
-    exact = ExactEvaluation(potential.means.double().numpy(), 1.0, config.reward, config.theta0)
+    exact = ExactEvaluation(potential.means.double().cpu().numpy(), 1.0, config.reward, config.theta0)
 
     estimator = RewardEstimator(problem.reward_fn, config.reward_weight)
     if config.kl_weight > 0:
@@ -209,8 +213,8 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
 
     def snapshot(done: int, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Every process's particles, and the weights softmax(θ)."""
-        w = torch.softmax(potential.logits.detach().double(), 0).numpy()
-        return all_gather_rows(y.detach()).double().numpy().copy(), w
+        w = torch.softmax(potential.logits.detach().double().cpu(), 0).numpy()
+        return all_gather_rows(y.detach()).double().cpu().numpy().copy(), w
 
     # exact E_{π*(θ)}[R], KL(π*(θ)‖π*(θ₀)) and weights every eval_every updates
     evals = EvalRecorder(lambda done, y: exact(potential.logits), config.eval_every, num_steps, sink,
@@ -237,9 +241,9 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
     if checkpoints.resumed:
         tensors, saved = checkpoints.state
         load_state_of(parts, tensors, saved)
-        x = tensors["particles"].to(dtype)
+        x = tensors["particles"].to(device, dtype)
         if "sampler.dual" in tensors:
-            setup.step.dual = tensors["sampler.dual"]
+            setup.step.dual = tensors["sampler.dual"].to(device)
     else:
         evals.record(0, x)
         x = x + shift
@@ -259,7 +263,7 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
         exact_rewards=evals.column("exact_reward"),
         kls=evals.column("kl"),
         weights=evals.column("weights"),
-        theta=potential.logits.detach().double().numpy().copy(),
+        theta=potential.logits.detach().double().cpu().numpy().copy(),
         snapshots={step: particles for step, (particles, _) in evals.snapshots.items()},
         snapshot_weights={step: w for step, (_, w) in evals.snapshots.items()},
         wall_time=wall,
@@ -268,7 +272,7 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
         acceptance_rate=acceptance.mean(),
     )
     if config.compare:
-        result.comparisons = _comparisons(config, dtype, REWARDS[config.reward])
+        result.comparisons = _comparisons(config, dtype, device, REWARDS[config.reward])
     return result
 
 
@@ -287,13 +291,14 @@ def _check_sharding(config: LangevinMixtureConfig) -> None:
                           f"got {config.particle_blocks}")
 
 
-def _comparisons(config: LangevinMixtureConfig, dtype: torch.dtype, reward_fn) -> dict[str, Curve]:
+def _comparisons(config: LangevinMixtureConfig, dtype: torch.dtype, device: torch.device,
+                 reward_fn) -> dict[str, Curve]:
     """Nested loops and the tilted potential at the single loop's number of sampler steps."""
     budget = config.num_steps * config.sampler_steps_per_update
     out: dict[str, Curve] = {}
     for t in config.nested_inner_steps:
-        generator = torch.Generator().manual_seed(config.seed)
-        problem = _problem(config, dtype)
+        generator = generator_on(device, config.seed)
+        problem = _problem(config, dtype, device)
         optimizer = make_optimizer(config.optimizer, problem.potential.parameters(), config.lr, foreach=False)
         shift = problem.setup.shift
         algo = NestedLoop(
@@ -312,8 +317,9 @@ def _comparisons(config: LangevinMixtureConfig, dtype: torch.dtype, reward_fn) -
             algo.run(None, updates, generator=generator, callbacks=[rec, bar])
         out[f"nested T={t}"] = Curve(np.arange(1, updates + 1) * t, rec.values())
 
-    generator = torch.Generator().manual_seed(config.seed)
-    tilted = TiltedPotential(hexagon_mixture(config.theta0, dtype=dtype), hexagon_reward_smooth, config.tilt_weight)
+    generator = generator_on(device, config.seed)
+    tilted = TiltedPotential(hexagon_mixture(config.theta0, dtype=dtype), hexagon_reward_smooth,
+                             config.tilt_weight).to(device)
 
     def tilted_step(x: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
         x, _ = ula_step(x, tilted, step_size=config.step_size, generator=generator)

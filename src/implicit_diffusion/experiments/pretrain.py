@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from ..data.builtin import TWO_D_DATASETS
+from ..devices import PRECISIONS, Autocast, check_device_name, generator_on, resolve_device, resolve_precision
 from ..errors import ConfigError
 from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
-from ..runtime.validation import positive
+from ..runtime.validation import one_of, positive
 from ..samplers.schedules import SCHEDULE_KINDS, VPSchedule
 
 __all__ = ["DATASETS", "Config", "Result", "run", "save", "table", "load_training_data", "build_model"]
@@ -68,8 +69,12 @@ class Config:
     num_threads: int = 0  # 0: torch's default
     progress: bool = True
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only on Ctrl-C)
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps
+    dtype: str = "float32"  # float32, float64, bfloat16 (autocast forwards, float32 master weights)
 
     def __post_init__(self) -> None:
+        check_device_name(self.device)
+        one_of(self, "dtype", PRECISIONS)
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown data set {self.dataset!r}; allowed: {', '.join(DATASETS)}")
         if self.dataset in FILE_DATASETS and not self.data:
@@ -173,14 +178,20 @@ def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = 
 
     sink = metrics_sink or (lambda records: None)
     checkpoints = checkpoints or NoCheckpoints()
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.dtype, device)
     with torch_threads(config.num_threads):
-        generator = torch.Generator().manual_seed(config.seed)
-        data = load_training_data(config, generator)
+        # the data and θ₀ are drawn on the CPU, the same on every device; training draws on the device
+        # (on the CPU, one generator for both: the stream of earlier releases)
+        generator = generator_on(device, config.seed)
+        data = load_training_data(config, generator if device.type == "cpu" else
+                                  torch.Generator().manual_seed(config.seed))
+        data = data.to(device=device, dtype=precision.dtype)
         schedule = VPSchedule(config.schedule, num_steps=config.sampling_steps)
         with torch.random.fork_rng(devices=[]):  # layer initialisation draws from the global RNG:
             torch.manual_seed(config.seed)  # seed it here, and leave the caller's state as it was
-            model = build_model(config, data)
-        trainer = DSMTrainer(model, data, schedule, num_steps=config.num_steps, generator=generator,
+            model = build_model(config, data).to(device=device, dtype=precision.dtype)
+        trainer = DSMTrainer(precision.wrap(model), data, schedule, num_steps=config.num_steps, generator=generator,
                              batch_size=min(config.batch_size, data.shape[0]), lr=config.lr,
                              ema_decay=config.ema_decay, max_grad_norm=config.max_grad_norm)
         log = _LossLog(sink, config.num_steps)
@@ -207,20 +218,22 @@ def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = 
         finally:  # a run stopped early still leaves every logged step in the metrics
             log.flush()
         wall = before + time.perf_counter() - start
-        ema = info.ema_model.module.eval()
+        net = info.ema_model.module.eval()  # the EMA model (under autocast with bfloat16)
+        ema = net.model if isinstance(net, Autocast) else net
         n = min(config.num_samples, data.shape[0]) if data.ndim == 4 else 2_000
         with torch.no_grad():
-            x_init = torch.randn((n, *data.shape[1:]), generator=generator)
-            samples = sample(ddpm_step, ema, x_init, schedule=schedule, generator=generator, prediction=ema.prediction)
-        idx = torch.randperm(data.shape[0], generator=generator)[:n]
-    return Result(config, ema, schedule, info.losses.numpy(), data[idx], samples,
+            x_init = torch.randn((n, *data.shape[1:]), generator=generator, device=device, dtype=data.dtype)
+            samples = sample(ddpm_step, net, x_init, schedule=schedule, generator=generator, prediction=ema.prediction)
+        idx = torch.randperm(data.shape[0], generator=generator, device=device)[:n]
+    return Result(config, ema, schedule, info.losses.numpy(), data[idx].cpu(), samples.cpu(),
                   sum(p.numel() for p in ema.parameters()), wall)
 
 
 def reproduce_command(config: Config) -> str:
     """The shell command that retrains this model (settings that differ from the defaults)."""
     changed = [f"--set {k}={_toml_value(v)}" for k, v in asdict(config).items()
-               if k not in ("dataset", "data", "progress", "checkpoint_every") and v != getattr(Config, k, v)]
+               if k not in ("dataset", "data", "progress", "checkpoint_every", "device")
+               and v != getattr(Config, k, v)]
     data = f" --data {config.data}" if config.data else ""
     return " ".join(["implicit-diffusion pretrain", config.dataset + data, *changed])
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..algorithms import SingleLoop
+from ..devices import check_device_name, generator_on, resolve_device
 from ..errors import ConfigError
 from ..metrics import fit_loglog_slope, running_average, tail_average
 from ..models import GaussianPotential
@@ -75,6 +76,7 @@ class Config:
     seed: int = 0
     fit_from: float = 0.05  # fit the slope on K ∈ [fit_from·K_max, K_max]
     dtype: Literal["float32", "float64"] = "float64"
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps
     num_threads: int = 0  # 0: automatic (1 thread for these small batches)
     progress: bool = True
 
@@ -102,6 +104,7 @@ class Config:
         if not 0 < self.fit_from < 1:
             raise ConfigError(f"config key 'fit_from' must be in (0, 1), got {self.fit_from!r}")
         nonnegative(self, "num_threads", note="(0 = automatic)")
+        check_device_name(self.device)
 
 
 def step_rules(config: Config, rule: str) -> tuple[Callable[[int], float], Callable[[int], float]]:
@@ -135,10 +138,10 @@ def run_single(config: Config, rule: str, seed: int, *, estimator=None, bar: Pro
     Particles start at π*(θ₀) (N(θ₀, σ²I)); ``estimator`` replaces Γ_R (tests use it for
     negative controls).
     """
-    dtype = getattr(torch, config.dtype)
+    dtype, device = getattr(torch, config.dtype), resolve_device(config.device)
     gaussian = problem(config)
-    generator = torch.Generator().manual_seed(seed)
-    theta0 = torch.tensor(config.theta0, dtype=dtype)
+    generator = generator_on(device, seed)
+    theta0 = torch.tensor(config.theta0, dtype=dtype, device=device)
     potential = GaussianPotential(theta0, variance=config.variance)
     sampler_step, theta_step = step_rules(config, rule)
     # Plain SGD at lr λ, scaled at iteration k by the scheduler's factor η_k ε_k: the θ step is λ η_k ε_k Γ.
@@ -146,19 +149,19 @@ def run_single(config: Config, rule: str, seed: int, *, estimator=None, bar: Pro
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, theta_step)
     algo = SingleLoop(potential, estimator or RewardEstimator(gaussian.reward_fn), optimizer,
                       step_size=sampler_step, lr_scheduler=scheduler)
-    thetas = torch.empty(config.num_steps + 1, len(config.target), dtype=dtype)
+    thetas = torch.empty(config.num_steps + 1, len(config.target), dtype=dtype, device=device)
     thetas[0] = theta0
 
     def record(k: int, x: torch.Tensor, stats: dict) -> None:
         thetas[k + 1] = potential.mean.detach()
 
     x = theta0 + math.sqrt(config.variance) * torch.randn(config.num_particles, len(config.target),
-                                                          generator=generator, dtype=dtype)
+                                                          generator=generator, dtype=dtype, device=device)
     guard = DivergenceGuard(potential.parameters(), f"smaller step sizes (step_size now {config.step_size:g}, "
                                                      f"constant_step {config.constant_step:g}, dt {config.dt:g}) "
                                                      f"or lr (now {config.lr:g})")
     algo.run(x, config.num_steps, generator=generator, callbacks=[guard, record] + ([bar] if bar else []))
-    return thetas.double().numpy()
+    return thetas.double().cpu().numpy()
 
 
 QUANTITIES = ("average", "tail")  # A_K = (1/K)Σ_{k≤K}, B_K = mean over K/2 < k ≤ K

@@ -42,9 +42,9 @@ class GaussianRewardProblem:
 
     def reward_fn(self, x: torch.Tensor) -> torch.Tensor:
         """R(x) for particles ``(num_particles, d)`` → ``(num_particles,)``."""
-        t = torch.as_tensor(self.target, dtype=x.dtype)
+        t = torch.as_tensor(self.target, dtype=x.dtype, device=x.device)
         if self.reward == "quadratic":
-            return -((x - t) ** 2 * torch.as_tensor(self.curvatures, dtype=x.dtype)).sum(-1)
+            return -((x - t) ** 2 * torch.as_tensor(self.curvatures, dtype=x.dtype, device=x.device)).sum(-1)
         return torch.exp(-((x - t) ** 2).sum(-1) / (2 * self.bump_width**2))
 
     def loss(self, theta: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -38,6 +38,11 @@ class Problem:
     b_val: Tensor  # (m,)
     penalized: Tensor  # (d,) 1 for penalised coordinates, 0 for the intercept
 
+    def to(self, device: torch.device | str) -> Problem:
+        """The same problem with its tensors on ``device``."""
+        return replace(self, A=self.A.to(device), b=self.b.to(device), A_val=self.A_val.to(device),
+                       b_val=self.b_val.to(device), penalized=self.penalized.to(device))
+
     def inner_loss(self, x: Tensor, theta: Tensor) -> Tensor:
         """g(x, θ) = training loss + (e^θ/2)‖x‖² (penalised coordinates)."""
         return _loss(self.kind, self.A, self.b, x) + 0.5 * theta.exp() * (self.penalized * x * x).sum()
@@ -57,7 +62,7 @@ class Problem:
         reg = math.exp(theta) * torch.diag(self.penalized)
         if self.kind == "ridge":
             return torch.linalg.solve(self.A.T @ self.A / n + reg, self.A.T @ self.b / n)
-        x = torch.zeros(d, dtype=self.A.dtype) if x0 is None else x0.clone()
+        x = torch.zeros(d, dtype=self.A.dtype, device=self.A.device) if x0 is None else x0.clone()
         for _ in range(100):
             s = torch.sigmoid(self.A @ x)
             grad = self.A.T @ (s - self.b) / n + reg @ x

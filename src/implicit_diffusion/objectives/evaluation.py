@@ -32,14 +32,15 @@ def _mean_se(v: Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def sample_images(model, step, schedule, shape: tuple[int, ...], n: int, *, generator: torch.Generator,
-                  prediction: str, chunk: int = 256) -> list[Tensor]:
-    """All states x_0..x_M of ``n`` sampler runs, each ``(n, *shape)``, drawn in chunks."""
+                  prediction: str, chunk: int = 256, dtype: torch.dtype | None = None) -> list[Tensor]:
+    """All states x_0..x_M of ``n`` sampler runs, each ``(n, *shape)``, drawn in chunks on the
+    generator's device, in ``dtype`` (default: torch's default dtype)."""
     from ..samplers.diffusion import sample
 
     parts = []
     for start in range(0, n, chunk):
         b = min(chunk, n - start)
-        x0 = torch.randn((b, *shape), generator=generator)
+        x0 = torch.randn((b, *shape), generator=generator, device=generator.device, dtype=dtype)
         parts.append(sample(step, model, x0, schedule=schedule, generator=generator, prediction=prediction,
                             return_trajectory=True))
     return [torch.cat([p[m] for p in parts]) for m in range(len(parts[0]))]
@@ -47,9 +48,10 @@ def sample_images(model, step, schedule, shape: tuple[int, ...], n: int, *, gene
 
 @torch.no_grad()
 def evaluate(model, step, schedule, shape, n: int, *, reward_fn, kl, generator: torch.Generator,
-             prediction: str) -> tuple[Evaluation, Tensor]:
-    """Reward and path KL of ``n`` fresh samples; also returns the samples x_M."""
-    states = sample_images(model, step, schedule, shape, n, generator=generator, prediction=prediction)
+             prediction: str, dtype: torch.dtype | None = None) -> tuple[Evaluation, Tensor]:
+    """Reward and path KL of ``n`` fresh samples (on the generator's device, in ``dtype``); also
+    returns the samples x_M."""
+    states = sample_images(model, step, schedule, shape, n, generator=generator, prediction=prediction, dtype=dtype)
     per_run = sum(w * kl.score_gap(states[m], m) for m, w in enumerate(kl.step_weights))
     rewards = reward_fn(states[-1])
     return Evaluation(*_mean_se(rewards), *_mean_se(per_run)), states[-1]

@@ -105,5 +105,5 @@ class ExactEvaluation:
         self.reward_optimum = float(self.component_rewards.max())
 
     def __call__(self, logits: torch.Tensor) -> dict:
-        w = torch.softmax(logits.detach().double(), 0).numpy()
+        w = torch.softmax(logits.detach().double().cpu(), 0).numpy()
         return {"exact_reward": float(w @ self.component_rewards), "kl": self.mixture_kl(w), "weights": w}

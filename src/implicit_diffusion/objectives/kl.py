@@ -41,7 +41,7 @@ class ContrastiveKL(Estimator):
 
     def __call__(self, potential, x: Tensor) -> Surrogate:
         # sharded particles: N is global, and every process holds the reference (its weight splits W ways)
-        n, world = global_count(x.shape[0]), world_size()
+        n, world = global_count(x.shape[0], x.device), world_size()
         w = torch.full((x.shape[0],), -self.weight / n, dtype=x.dtype, device=x.device)
         ref_w = self._ref_weights / world if world > 1 else self._ref_weights
         return Surrogate((self.reference, x), (ref_w, w), {})
@@ -66,7 +66,7 @@ class KLToReference(Estimator):
     def __call__(self, potential, x: Tensor) -> Surrogate:
         with torch.no_grad():
             h = potential(x) - self.reference_energy(potential, x)
-            n = global_count(x.shape[0])  # over all processes when particles are sharded
+            n = global_count(x.shape[0], x.device)  # over all processes when particles are sharded
             h_mean = global_mean(h, n)
             w = (h - h_mean).mul_(self.weight / max(n - 1, 1))
         return Surrogate((x,), (w,), {"energy_gap": h_mean})
@@ -123,7 +123,7 @@ class MinibatchContrastiveKL(Estimator):
 
     def __call__(self, potential, x: Tensor) -> Surrogate:
         y = self.draw_batch()
-        n, world = global_count(x.shape[0]), world_size()  # sharded: each process its own minibatch
+        n, world = global_count(x.shape[0], x.device), world_size()  # sharded: each process its own minibatch
         with torch.no_grad():
             vy, vx = potential(y), potential(x)
             wy = (self.weight + 2.0 * self.energy_penalty * vy) / (y.shape[0] * world)

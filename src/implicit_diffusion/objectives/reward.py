@@ -45,7 +45,7 @@ class RewardEstimator(Estimator):
             self._first = False
             if not r.is_floating_point():  # an indicator returned as bool or int
                 r = r.to(x.dtype)
-            n = global_count(x.shape[0])  # over all processes when particles are sharded
+            n = global_count(x.shape[0], x.device)  # over all processes when particles are sharded
             r_mean = global_mean(r, n)
             w = (r - r_mean).mul_(self.weight / max(n - 1, 1))
         return Surrogate((x,), (w,), {"reward": r_mean})

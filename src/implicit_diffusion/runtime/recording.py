@@ -25,7 +25,10 @@ Sink = Callable[[list[dict]], None]
 
 
 class RewardRecorder:
-    """Keeps ``stats["reward"]`` of every step; hands ``{"step", "reward"}`` records to ``sink`` per block."""
+    """Keeps ``stats["reward"]`` of every step; hands ``{"step", "reward"}`` records to ``sink`` per block.
+
+    The buffer moves to the device of the first reward tensor it is given, so recording a step
+    does not wait for the device; only a block's hand-over reads the values back."""
 
     def __init__(self, num_steps: int, sink: Sink, *, block: int = 1000, dtype: torch.dtype = torch.float32):
         self._buf = torch.full((num_steps,), float("nan"), dtype=dtype)
@@ -35,7 +38,10 @@ class RewardRecorder:
         self.count = 0  # steps recorded so far
 
     def __call__(self, k: int, x: Tensor, stats: dict) -> None:
-        self._buf[k] = stats["reward"]
+        value = stats["reward"]
+        if isinstance(value, Tensor) and value.device != self._buf.device:
+            self._buf = self._buf.to(value.device)
+        self._buf[k] = value
         self.count = k + 1
         if self.count % self._block == 0:
             self.flush()
@@ -49,7 +55,7 @@ class RewardRecorder:
             self._flushed = upto
 
     def values(self) -> np.ndarray:
-        return self._buf.double().numpy().copy()
+        return self._buf.double().cpu().numpy().copy()
 
     def state(self, prefix: str = "rewards") -> tuple[dict[str, Tensor], dict]:
         """Checkpoint: everything recorded so far (handed to the sink first, so the metrics file

@@ -44,25 +44,44 @@ def execute(experiment: ModuleType, config, run_dir: str | Path, *, name: str | 
     (``name`` is stored in it so that :func:`resume` finds the experiment again).
     """
     name = name or experiment.__name__.rsplit(".", 1)[-1]
+    _device_of(config)  # an absent device is a one-line error before the run directory is made
     if tensorboard:
         from .tensorboard import TensorBoardSink  # noqa: F401 - fail early if it is not installed
     if distributed.active():
         return _execute_sharded(experiment, config, run_dir, name, tensorboard)
     run_dir = prepare_run_dir(run_dir)
-    _write_run_info(run_dir, name)
+    _write_run_info(run_dir, name, config)
     atomic_write_text(run_dir / "config.toml", config_to_toml(config))
     return _run(experiment, config, run_dir, name, resumed=None, tensorboard=tensorboard)
 
 
-def _write_run_info(run_dir: Path, name: str) -> None:
-    """``run.json``: which experiment made this directory (for ``report``), when and how."""
+def _device_of(config) -> str | None:
+    """The device the config's ``device`` key resolves to here (``"cuda:0 (NVIDIA H200)"``), or None
+    for an experiment without one; a device that is absent raises a one-line ConfigError."""
+    if not hasattr(config, "device"):
+        return None
+    import torch
+
+    from ..devices import resolve_device
+
+    device = resolve_device(config.device)
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def _write_run_info(run_dir: Path, name: str, config=None) -> None:
+    """``run.json``: which experiment made this directory (for ``report``), when, how and where."""
     import json
     import sys
+
+    import torch
 
     from .. import __version__
 
     info = {"experiment": name, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
-            "implicit_diffusion": __version__}
+            "implicit_diffusion": __version__, "torch": torch.__version__}
+    device = _device_of(config)
+    if device is not None:
+        info["device"] = device
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
 
@@ -77,7 +96,7 @@ def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: 
     if distributed.is_main():
         try:
             run_dir = prepare_run_dir(run_dir)
-            _write_run_info(run_dir, name)
+            _write_run_info(run_dir, name, config)
             atomic_write_text(run_dir / "config.toml", config_to_toml(config))
         except RunDirError as e:
             error = e
@@ -90,11 +109,14 @@ def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: 
     return result, ["run.json", "config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]
 
 
-def resume(run_dir: str | Path, experiments: dict[str, ModuleType]):
+def resume(run_dir: str | Path, experiments: dict[str, ModuleType], *, device: str | None = None):
     """Continue the run in ``run_dir`` from its checkpoint; returns ``(name, config, result, files)``.
 
     The metrics file is cut back to its length at the checkpoint, so the finished run's files
-    are those an uninterrupted run would have written (bit-identical on CPU).
+    are those an uninterrupted run would have written (bit-identical on the same device).
+    ``device``: continue on this device instead of the config's (the checkpoint's tensors are
+    placed on it; random streams saved on another device type are re-seeded, see
+    :mod:`.state`); ``config.toml`` keeps the run's own.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -111,8 +133,14 @@ def resume(run_dir: str | Path, experiments: dict[str, ModuleType]):
         raise RunDirError(f"checkpoint in {str(run_dir)!r} is for unknown experiment {name!r}; "
                           f"known: {', '.join(sorted(experiments))}")
     experiment = experiments[name]
-    config = build_config(experiment.Config, load_config_file(run_dir / "config.toml"))
-    if config_to_dict(config) != meta["config"]:
+    on_device = {} if device is None else {"device": device}
+    if on_device and not hasattr(experiment.Config, "device"):
+        raise ConfigError(f"experiment {name!r} has no device setting")
+    config = build_config(experiment.Config, load_config_file(run_dir / "config.toml"), on_device)
+    _device_of(config)
+    # keys a checkpoint of an earlier release does not have read as their defaults (device, dtype)
+    defaults = config_to_dict(experiment.Config())
+    if {**config_to_dict(config), **on_device} != {**defaults, **meta["config"], **on_device}:
         raise RunDirError(f"{str(run_dir / 'config.toml')!r} differs from the config saved in the checkpoint; "
                           f"resume needs the run's own config")
     for stale in run_dir.glob(".*.tmp"):  # half-written files of a process killed while writing

@@ -6,13 +6,24 @@ piece is saved:
 - :func:`state_of` / :func:`load_state_of` take the *live objects* of a loop by name — a
   ``torch.nn.Module`` (its ``state_dict`` under ``"NAME."``), a ``torch.optim`` optimizer
   (:func:`~implicit_diffusion.serialization.optimizer_state` under ``"NAME"``), a learning-rate
-  scheduler (its ``state_dict`` as JSON), a ``torch.Generator`` (its state, a uint8 tensor), any
+  scheduler (its ``state_dict`` as JSON), a ``torch.Generator`` (its state, a uint8 tensor, and
+  its device type in the JSON), any
   object with ``state(prefix) -> (tensors, meta)`` and ``load_state(tensors, meta, prefix)``
   (the recorders), or None (nothing) — and save or restore them in place.
 - :func:`pack` / :func:`unpack` turn a *result record* (a dataclass, dict, list or tuple of
   tensors, NumPy arrays, floats, ints, strings, None) into tensors and a JSON tree and back.
   Floats go into float64 tensors, so NaN and ±inf survive (the checkpoint's JSON allows
   neither) and every value comes back bit for bit; ints and strings stay JSON.
+
+**Devices.** Restoring follows the live objects, like ``torch.load``'s ``map_location``: a
+module's ``load_state_dict`` copies onto its parameters' device, ``torch.optim`` moves its
+state to its parameters', and objects with ``load_state`` place their own tensors. A
+generator's stream cannot move between device types (a CUDA generator's state is a seed and an
+offset, a CPU one's a Mersenne Twister), so a generator saved on one type and restored on
+another is re-seeded from a hash of the saved state — deterministic, the same law, not the
+same draws — with a :class:`CrossDeviceResume` warning
+(:func:`~implicit_diffusion.serialization.load_generator_state`). On the same device type, bit
+for bit.
 """
 
 from __future__ import annotations
@@ -25,9 +36,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..serialization import load_optimizer_state, optimizer_state, strip_prefix, with_prefix
+from ..serialization import (
+    CrossDeviceResume,
+    load_generator_state,
+    load_optimizer_state,
+    optimizer_state,
+    strip_prefix,
+    with_prefix,
+)
 
-__all__ = ["load_state_of", "pack", "state_of", "unpack"]
+__all__ = ["CrossDeviceResume", "load_state_of", "pack", "state_of", "unpack"]
 
 _PLAIN = (bool, int, str, type(None))
 
@@ -44,7 +62,7 @@ def state_of(parts: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Tens
     >>> g = torch.Generator().manual_seed(0)
     >>> tensors, meta = state_of({"net": torch.nn.Linear(2, 1), "generator": g})
     >>> sorted(tensors), meta
-    (['generator', 'net.bias', 'net.weight'], {})
+    (['generator', 'net.bias', 'net.weight'], {'generator': {'device': 'cpu'}})
     """
     tensors: dict[str, Tensor] = {}
     meta: dict[str, Any] = {}
@@ -61,6 +79,7 @@ def state_of(parts: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Tens
             meta[name] = part.state_dict()
         elif isinstance(part, torch.Generator):
             tensors[full] = part.get_state()
+            meta[name] = {"device": part.device.type}
         elif hasattr(part, "state") and hasattr(part, "load_state"):
             t, meta[name] = part.state(full)
             tensors.update(t)
@@ -83,7 +102,9 @@ def load_state_of(parts: Mapping[str, Any], tensors: Mapping[str, Tensor], meta:
         elif _is_scheduler(part):
             part.load_state_dict(meta[name])
         elif isinstance(part, torch.Generator):
-            part.set_state(tensors[full])
+            saved = meta.get(name)
+            device = saved.get("device", "cpu") if isinstance(saved, Mapping) else "cpu"
+            load_generator_state(part, tensors[full], device)
         elif hasattr(part, "load_state"):
             part.load_state(tensors, meta[name], full)
         else:

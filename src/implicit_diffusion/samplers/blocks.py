@@ -21,16 +21,16 @@ from .langevin import LangevinInfo
 __all__ = ["ParticleBlocks", "block_generator", "blockwise"]
 
 
-def block_generator(seed: int, block: int, num_blocks: int) -> torch.Generator:
-    """The generator of block ``block`` of ``num_blocks``: ``manual_seed(seed)`` when there is one
-    block (the plain single-stream run), else a seed derived from (seed, block) by NumPy's
-    ``SeedSequence`` (independent, well-mixed streams)."""
+def block_generator(seed: int, block: int, num_blocks: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of block ``block`` of ``num_blocks``, on ``device``: ``manual_seed(seed)`` when
+    there is one block (the plain single-stream run), else a seed derived from (seed, block) by
+    NumPy's ``SeedSequence`` (independent, well-mixed streams)."""
     if not 0 <= block < num_blocks:
         raise ValueError(f"block must lie in [0, {num_blocks}), got {block}")
     if num_blocks == 1:
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator(device=device).manual_seed(seed)
     derived = int(np.random.SeedSequence([seed, block]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(derived)
+    return torch.Generator(device=device).manual_seed(derived)
 
 
 def blockwise(step: Callable) -> Callable:
@@ -59,21 +59,21 @@ def blockwise(step: Callable) -> Callable:
 
 class ParticleBlocks:
     """The particle blocks this process holds — all ``num_blocks`` of them, or its 1/W share under
-    torchrun (rank r holds blocks r·B/W … (r + 1)·B/W − 1) — with their generators.
+    torchrun (rank r holds blocks r·B/W … (r + 1)·B/W − 1) — with their generators (on ``device``).
 
     >>> blocks = ParticleBlocks(seed=0, num_blocks=2, num_particles=6)
     >>> list(blocks.blocks), blocks.initial(lambda n, g: torch.randn(n, 2, generator=g)).shape
     ([0, 1], torch.Size([6, 2]))
     """
 
-    def __init__(self, seed: int, num_blocks: int, num_particles: int):
+    def __init__(self, seed: int, num_blocks: int, num_particles: int, device: torch.device | str = "cpu"):
         world = distributed.world_size()
         if num_blocks % world or num_particles % num_blocks:
             raise ValueError(f"{num_particles} particles in {num_blocks} blocks cannot be split equally over "
                              f"{world} process(es)")
         share = num_blocks // world
         self.blocks = range(distributed.rank() * share, (distributed.rank() + 1) * share)
-        self.generators = [block_generator(seed, b, num_blocks) for b in self.blocks]
+        self.generators = [block_generator(seed, b, num_blocks, device) for b in self.blocks]
         self.per_block = num_particles // num_blocks
 
     @property

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..serialization import load_optimizer_state, optimizer_state
+from ..serialization import load_generator_state, load_optimizer_state, optimizer_state
 from .dsm import dsm_loss
 
 __all__ = ["DSMTrainer", "PretrainInfo", "pretrain_score_model"]
@@ -90,10 +90,12 @@ class DSMTrainer:
                    **{f"trainer.ema.{k}": v for k, v in self.ema.state_dict().items()},
                    **t_o, "trainer.generator": self.generator.get_state(),
                    "trainer.losses": self.losses[:done].clone()}
-        return tensors, {"optimizer": m_o}
+        return tensors, {"optimizer": m_o, "generator_device": self.generator.device.type}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> int:
-        """Inverse of :meth:`state`; returns the number of steps done (the ``start`` to run from)."""
+        """Inverse of :meth:`state`; returns the number of steps done (the ``start`` to run from).
+        Tensors land on the live objects' devices (a generator saved on another device type is
+        re-seeded: serialization.load_generator_state)."""
 
         def part(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -101,7 +103,7 @@ class DSMTrainer:
         self.model.load_state_dict(part("trainer.model."))
         self.ema.load_state_dict(part("trainer.ema."))
         load_optimizer_state(self.optimizer, tensors, meta["optimizer"], "trainer.optimizer")
-        self.generator.set_state(tensors["trainer.generator"])
+        load_generator_state(self.generator, tensors["trainer.generator"], meta.get("generator_device", "cpu"))
         done = tensors["trainer.losses"].shape[0]
         self.losses[:done] = tensors["trainer.losses"]
         return done
