@@ -41,7 +41,7 @@ from ..samplers.schedules import SCHEDULE_KINDS, VPSchedule
 
 __all__ = ["DATASETS", "Config", "Result", "run", "save", "table", "load_training_data", "build_model"]
 
-IMAGE_DATASETS = ("digits", "photo-patches")
+IMAGE_DATASETS = ("digits", "photo-patches", "mnist5k")
 FILE_DATASETS = ("mnist", "cifar10", "images")
 DATASETS = TWO_D_DATASETS + IMAGE_DATASETS + FILE_DATASETS
 
@@ -51,7 +51,7 @@ class Config:
     dataset: str = "digits"
     data: str = ""  # path, for mnist / cifar10 / images
     trust_pickle: bool = False  # allow CIFAR-10's pickled python batches
-    limit: int = 0  # keep only the first N images of a file data set (0: all)
+    limit: int = 0  # keep only the first N images of a file data set, or N random ones of mnist5k (0: all)
     num_points: int = 20_000  # 2-D points / photo patches drawn
     patch_size: int = 8
     schedule: str = "linear"
@@ -96,12 +96,17 @@ class Config:
 
 def load_training_data(config: Config, generator: torch.Generator) -> torch.Tensor:
     """The training set as ``(n, 2)`` points or ``(n, C, H, W)`` images in [−1, 1]."""
-    from ..data import load_digits_images, load_image_data, load_photo_patches, two_d_dataset
+    from ..data import load_digits_images, load_image_data, load_mnist5k, load_photo_patches, two_d_dataset
 
     if config.dataset in TWO_D_DATASETS:
         return two_d_dataset(config.dataset, config.num_points, generator=generator)
     if config.dataset == "digits":
         return load_digits_images()
+    if config.dataset == "mnist5k":  # 5,000 real 28×28 digits, sorted by class: shuffled before a limit
+        images = load_mnist5k()
+        if config.limit:
+            images = images[torch.randperm(images.shape[0], generator=generator)][: config.limit]
+        return images
     if config.dataset == "photo-patches":
         return load_photo_patches(config.num_points, config.patch_size, generator=generator)
     images = load_image_data(config.data, trust_pickle=config.trust_pickle, limit=config.limit or None)
