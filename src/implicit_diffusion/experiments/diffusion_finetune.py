@@ -218,7 +218,11 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
     reward_fn = IMAGE_REWARDS[config.reward]
     if config.reward == "red" and shape[0] != 3:
         raise ConfigError(f"the red reward needs a colour (3-channel) model; {source} has {shape[0]} channel(s)")
-    schedule = replace(trained_schedule, num_steps=config.num_sampling_steps)
+    try:
+        schedule = replace(trained_schedule, num_steps=config.num_sampling_steps)
+    except ValueError as e:  # e.g. more sampling steps than a diffusers scheduler's training grid has
+        raise ConfigError(f"config key 'num_sampling_steps' ({config.num_sampling_steps}) does not fit {source}: "
+                          f"{e}") from None
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resumed is None:
         kl0 = path_kl_cost(net, schedule, 1.0)

@@ -1,29 +1,37 @@
 """diffusers models (optional): a local ``UNet2DModel`` + DDPM/DDIM scheduler directory as a model here.
 
-A diffusers DDPM is a discretisation of a continuous variance-preserving SDE (Song et al. 2021,
-ICLR, appendix B): N training timesteps with β_i (i = 0 … N−1) correspond to the VP schedule with
-β(t) = N·β_discrete at t = (i + 1)/N on [0, 1], so that ᾱ_i ≈ ᾱ(t_i) = exp(−∫₀^{t_i} β). Hence
+A diffusers DDPM has N training timesteps i = 0 … N−1 with ᾱ_i = ``scheduler.alphas_cumprod[i]``
+(Ho et al. 2020). It becomes the ``VPSchedule("discrete", alphas_cumprod=(ᾱ_0, …, ᾱ_{N−1}))`` on
+[0, 1] (see :mod:`implicit_diffusion.samplers.schedules`): timestep i sits at t_i = (i + 1)/N, ᾱ(t_i)
+is the scheduler's own ᾱ_i (read from the scheduler, so any ``beta_schedule`` or ``trained_betas``
+maps exactly), log ᾱ is linear in t between grid points, ᾱ(0) = 1 and t_min = 0. The M sampling
+times are the grid points of the indices diffusers' ``set_timesteps(M)`` picks (the scheduler's
+``timestep_spacing`` and ``steps_offset``), then t = 0, for any M ≤ N (also after
+``dataclasses.replace(schedule, num_steps=M)``). So the library's ``ddpm_step`` and ``ddim_step``
+are ``DDPMScheduler.step`` and ``DDIMScheduler.step`` (η = 0) given the same noise, to rounding
+(``tests/test_diffusers.py``: 1e-12 in float64), except that diffusers clips x̂₀ to [−1, 1] by
+default (``clip_sample``) and these steps never do, DDPM's variance here is ``"fixed_small"``, and a
+DDIM with ``set_alpha_to_one=False`` ends on ᾱ_0 where this schedule ends on ᾱ = 1. A step here
+always goes to the next picked index (``DDPMScheduler``'s rule); ``DDIMScheduler`` goes to
+i − ⌊N/M⌋, the same index for ``"leading"`` spacing (its default) and for ``"trailing"`` when M
+divides N.
 
-- ``beta_schedule = "linear"`` (β from β_start to β_end) ↦ ``VPSchedule("linear", beta_min = N·β_start,
-  beta_max = N·β_end, T = 1, t_min = 1/N)``;
-- ``"squaredcos_cap_v2"`` ↦ ``VPSchedule("cosine", T = 1, t_min = 1/N)`` with β capped at
-  −N·log(1 − 0.999), the continuous form of diffusers' cap of 0.999 on each discrete β;
-
-and the network is called at the discrete timestep index i = t·N − 1 (a float: the sinusoidal time
-embedding of UNet2DModel accepts non-integer timesteps). Predictions ``"epsilon"`` and ``"sample"``
-(x₀) convert to the score through :mod:`implicit_diffusion.samplers.schedules`; ``"v_prediction"``
-is refused. Weights are read only from safetensors (``use_safetensors=True``), never from pickled
-``.bin`` files, and nothing is downloaded (``local_files_only=True``).
+The network is called at the discrete timestep index i = t·N − 1 (an integer on the grid; a float in
+between: the sinusoidal time embedding of UNet2DModel accepts non-integer timesteps). Predictions
+``"epsilon"`` and ``"sample"`` (x₀) convert to the score through
+:mod:`implicit_diffusion.samplers.schedules`; ``"v_prediction"`` is refused. Weights are read only
+from safetensors (``use_safetensors=True``), never from pickled ``.bin`` files, and nothing is
+downloaded (``local_files_only=True``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import DataError
@@ -49,8 +57,13 @@ class DiffusersUNet(nn.Module):
         self.prediction = prediction
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        timestep = (t * self.num_train_timesteps - 1).clamp(min=0)
-        return self.unet(x, timestep).sample
+        index = t * self.num_train_timesteps - 1
+        # On the grid t = (i + 1)/N the index is the integer i that diffusers calls the UNet with; in
+        # float32 t·N misses it by up to ~6e-8·N, which the sinusoidal embedding would see. Off the
+        # grid (uniform spacing) the index stays fractional.
+        nearest = index.round()
+        index = torch.where((index - nearest).abs() < 1e-3, nearest, index)
+        return self.unet(x, index.clamp(min=0)).sample
 
 
 class LoadedDiffusers(NamedTuple):
@@ -70,23 +83,33 @@ def _require_diffusers():
     return diffusers
 
 
-def vp_schedule_for(scheduler_config: dict, num_steps: int = 100) -> VPSchedule:
-    """The continuous VP schedule a diffusers DDPM/DDIM scheduler config discretises (module doc)."""
-    n = int(scheduler_config.get("num_train_timesteps", 1000))
-    kind = scheduler_config.get("beta_schedule", "linear")
-    if scheduler_config.get("trained_betas") is not None:
-        raise DataError("schedulers with explicit trained_betas are not supported; allowed beta_schedule: "
-                        "'linear', 'squaredcos_cap_v2'")
-    if kind == "linear":
-        return VPSchedule("linear", num_steps=num_steps, T=1.0, t_min=1.0 / n,
-                          beta_min=float(scheduler_config.get("beta_start", 1e-4)) * n,
-                          beta_max=float(scheduler_config.get("beta_end", 0.02)) * n)
-    if kind == "squaredcos_cap_v2":  # diffusers caps each discrete β at 0.999: β(t) ≤ −N·log(1 − 0.999)
-        return VPSchedule("cosine", num_steps=num_steps, T=1.0, t_min=1.0 / n, beta_max=-n * math.log1p(-0.999))
-    raise DataError(f"unsupported beta_schedule {kind!r}; allowed: 'linear', 'squaredcos_cap_v2'")
+def vp_schedule_for(scheduler, num_steps: int | None = None) -> VPSchedule:
+    """The ``"discrete"`` VP schedule of a diffusers DDPM/DDIM scheduler (see the module docstring).
+
+    ``scheduler``: a ``DDPMScheduler``/``DDIMScheduler``, or its config (a dict, as in
+    ``scheduler_config.json``; the scheduler is then built from it). ``num_steps``: M sampling steps,
+    M ≤ N; ``None`` means min(100, ⌊N/2⌋). Raises :class:`DataError` for an ᾱ table that is not strictly
+    decreasing in (0, 1) (e.g. ``rescale_betas_zero_snr``, whose ᾱ_{N−1} = 0 has no score).
+    """
+    if isinstance(scheduler, dict):
+        diffusers = _require_diffusers()
+        name = scheduler.get("_class_name", "DDPMScheduler")
+        scheduler = getattr(diffusers, name if name in _SCHEDULERS else "DDPMScheduler").from_config(scheduler)
+    config = scheduler.config
+    # float32 in diffusers; its values as Python floats (exact in float64) are the table.
+    table = scheduler.alphas_cumprod.tolist()
+    spacing = config.get("timestep_spacing", "leading")
+    offset = int(config.get("steps_offset", 0)) if spacing == "leading" else 0  # diffusers ignores it otherwise
+    try:
+        # The default M keeps ⌊N/M⌋ ≥ 2, so a "leading" steps_offset of 1 stays on the table.
+        default = max(1, min(100, len(table) // 2))
+        return VPSchedule("discrete", num_steps=default if num_steps is None else num_steps,
+                          alphas_cumprod=table, spacing=spacing, steps_offset=offset)
+    except ValueError as e:
+        raise DataError(f"cannot use this {type(scheduler).__name__} ({len(table)} training steps): {e}") from None
 
 
-def load_diffusers(path: str | Path, num_steps: int = 100) -> LoadedDiffusers:
+def load_diffusers(path: str | Path, num_steps: int | None = None) -> LoadedDiffusers:
     """Read a directory written by ``DDPMPipeline.save_pretrained`` (``unet/``, ``scheduler/``) or by
     ``UNet2DModel.save_pretrained`` plus a scheduler's ``save_pretrained`` into the same directory.
     One-line :class:`DataError` for anything else."""
@@ -125,7 +148,7 @@ def load_diffusers(path: str | Path, num_steps: int = 100) -> LoadedDiffusers:
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     h, w = (size, size) if isinstance(size, int) else size
     model = DiffusersUNet(unet, sched_config.get("num_train_timesteps", 1000), _PREDICTIONS[prediction])
-    return LoadedDiffusers(model, vp_schedule_for(sched_config, num_steps), (cfg.in_channels, h, w), scheduler,
+    return LoadedDiffusers(model, vp_schedule_for(scheduler, num_steps), (cfg.in_channels, h, w), scheduler,
                            layout)
 
 

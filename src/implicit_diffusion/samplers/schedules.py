@@ -17,18 +17,31 @@ Kinds (Song et al. 2021 ICLR, §3.4 and App. B; Marion et al. 2024 §2 for the O
   β_max/T from the time t_c where it reaches that value (t_c ≈ 0.90 T for β_max = 20), and ᾱ
   continues as exp(−∫β) with the clipped β: β = −d log ᾱ/dt holds everywhere, and
   ᾱ(T) ≈ 3.3e-3 (raise ``beta_max`` for a smaller one). Default T = 1.
+- ``"discrete"``: a table ``alphas_cumprod`` = (ᾱ_0, …, ᾱ_{N−1}) of a discrete-time model (a
+  diffusers scheduler's own ``alphas_cumprod``, Ho et al. 2020), placed at t_n = (n + 1)T/N, with
+  ᾱ(0) = 1. log ᾱ is linear in t between grid points, so ᾱ(t_n) = ᾱ_n exactly and β is piecewise
+  constant, β = (N/T)·log(ᾱ_{n−1}/ᾱ_n) on (t_{n−1}, t_n] with t_{−1} = 0, ᾱ_{−1} = 1 (the
+  continuous form of the discrete β_n = 1 − ᾱ_n/ᾱ_{n−1}); at a grid point β is the rate of the
+  interval ending there, the one a reverse step from it crosses. Default T = 1, t_min = 0.
 
-Discretisation: ``times = linspace(T, t_min, M + 1)`` (float64, decreasing); sampling step m goes
-from ``times[m]`` to ``times[m + 1]``. Default ``t_min = 1e-3`` (Song et al.'s ε; the model is never
-asked for σ(0) = 0, where a score is singular); ``t_min = 0`` is allowed (DDPM/DDIM then end on x̂₀).
+Discretisation: ``spacing="uniform"`` (the only one for the closed-form kinds):
+``times = linspace(T, t_min, M + 1)`` (float64, decreasing); sampling step m goes from ``times[m]``
+to ``times[m + 1]``. Default ``t_min = 1e-3`` (Song et al.'s ε; the model is never asked for
+σ(0) = 0, where a score is singular); ``t_min = 0`` is allowed (DDPM/DDIM then end on x̂₀).
+``"discrete"`` defaults to ``spacing="leading"``; it and ``"trailing"``, ``"linspace"`` pick the M
+training indices i_0 > … > i_{M−1} as diffusers' ``set_timesteps`` does (Lin et al. 2024, Table 2;
+``steps_offset`` is added for ``"leading"``), ``times = ((i_m + 1)T/N)_m`` followed by t_min: every
+step starts on a grid point, as diffusers' DDPM/DDIM steps do, and the last one ends on t_min
+(0: on x̂₀, like diffusers' last step to ᾱ = 1).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,18 +49,24 @@ __all__ = [
     "PREDICTIONS",
     "SCHEDULE_KINDS",
     "Prediction",
+    "SPACINGS",
     "ScheduleKind",
+    "Spacing",
     "VPSchedule",
     "to_epsilon",
     "to_score",
     "to_x0",
 ]
 
-ScheduleKind = Literal["ou", "linear", "cosine"]
+ScheduleKind = Literal["ou", "linear", "cosine", "discrete"]
 Prediction = Literal["score", "epsilon", "x0"]
+Spacing = Literal["uniform", "leading", "trailing", "linspace"]
+# The closed-form kinds (what a training run can pick by name); "discrete" needs a table.
 SCHEDULE_KINDS: tuple[str, ...] = ("ou", "linear", "cosine")
 PREDICTIONS: tuple[str, ...] = ("score", "epsilon", "x0")
-_DEFAULT_T = {"ou": 5.0, "linear": 1.0, "cosine": 1.0}
+SPACINGS: tuple[str, ...] = ("uniform", "leading", "trailing", "linspace")
+_KINDS = (*SCHEDULE_KINDS, "discrete")
+_DEFAULT_T = {"ou": 5.0, "linear": 1.0, "cosine": 1.0, "discrete": 1.0}
 
 
 def _as_time(t) -> Tensor:
@@ -67,13 +86,18 @@ class VPSchedule:
     """A variance-preserving schedule and its M-step time grid (see the module docstring).
 
     Args:
-        kind: ``"ou"``, ``"linear"`` or ``"cosine"``.
+        kind: ``"ou"``, ``"linear"``, ``"cosine"`` or ``"discrete"``.
         num_steps: M ≥ 1 sampling steps; ``times`` has shape ``(M + 1,)``.
         T: horizon; ``None`` means 5 for ``"ou"`` and 1 otherwise.
-        t_min: end of the grid, 0 ≤ t_min < T (default 1e-3).
+        t_min: end of the grid, 0 ≤ t_min < T; ``None`` means 1e-3, and 0 for ``"discrete"``.
         beta_min, beta_max: ``"linear"``'s end rates (and ``"cosine"``'s clip at ``beta_max``), in
             units of 1/T.
         cosine_s: the offset s of ``"cosine"``.
+        alphas_cumprod: ``"discrete"`` only: ᾱ_0 > … > ᾱ_{N−1}, all in (0, 1) (any sequence of
+            numbers; kept as a tuple of floats, so the schedule stays hashable and JSON-ready).
+        spacing: how ``times`` is placed: ``"uniform"`` (the closed-form kinds' only one), or for
+            ``"discrete"`` diffusers' ``"leading"`` (its default), ``"trailing"``, ``"linspace"``.
+        steps_offset: added to the training indices by ``"leading"`` (diffusers' ``steps_offset``).
 
     Example:
         >>> s = VPSchedule("ou", num_steps=4, T=1.0, t_min=0.0)
@@ -81,19 +105,27 @@ class VPSchedule:
         [1.0, 0.75, 0.5, 0.25, 0.0]
         >>> round(float(s.alpha_bar(0.5)), 12)  # e^{−1}
         0.367879441171
+        >>> d = VPSchedule("discrete", num_steps=2, alphas_cumprod=[0.9, 0.5, 0.2, 0.1])  # N = 4
+        >>> d.timesteps.tolist(), d.times.tolist()  # "leading": indices 2, 0 at t = 3/4, 1/4; then t_min
+        ([2, 0], [0.75, 0.25, 0.0])
+        >>> round(float(d.alpha_bar(0.75)), 12), round(float(d.alpha_bar(0.625)), 12)  # ᾱ_2; √(ᾱ_1 ᾱ_2)
+        (0.2, 0.316227766017)
     """
 
     kind: ScheduleKind = "ou"
     num_steps: int = 100
     T: float | None = None
-    t_min: float = 1e-3
+    t_min: float | None = None
     beta_min: float = 0.1
     beta_max: float = 20.0
     cosine_s: float = 0.008
+    alphas_cumprod: tuple[float, ...] | None = None
+    spacing: Spacing | None = None
+    steps_offset: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"unknown schedule kind {self.kind!r}; allowed: {', '.join(SCHEDULE_KINDS)}")
+        if self.kind not in _KINDS:
+            raise ValueError(f"unknown schedule kind {self.kind!r}; allowed: {', '.join(_KINDS)}")
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps!r}")
         if self.T is None:
@@ -101,6 +133,8 @@ class VPSchedule:
         if not (isinstance(self.T, (int, float)) and math.isfinite(self.T) and self.T > 0):
             raise ValueError(f"T must be a finite number > 0, got {self.T!r}")
         object.__setattr__(self, "T", float(self.T))
+        if self.t_min is None:
+            object.__setattr__(self, "t_min", 0.0 if self.kind == "discrete" else 1e-3)
         if not (isinstance(self.t_min, (int, float)) and 0 <= self.t_min < self.T):
             raise ValueError(f"t_min must satisfy 0 <= t_min < T = {self.T}, got {self.t_min!r}")
         if not (0 <= self.beta_min <= self.beta_max and 0 < self.beta_max < math.inf):
@@ -115,6 +149,98 @@ class VPSchedule:
                 f"beta_max={self.beta_max} is below the cosine schedule's rate at t = 0 "
                 f"({math.pi * math.tan(self._cosine_phase0()) / (1 + self.cosine_s):.4g}); allowed: a larger beta_max"
             )
+        self._check_table_and_spacing()
+
+    def __reduce__(self):
+        # Pickled and copied from the fields alone: the derived tables below are caches (some on a GPU).
+        return (type(self), tuple(getattr(self, f.name) for f in fields(self)))
+
+    # -- the discrete kind's table and grid ---------------------------------------------------
+    def _check_table_and_spacing(self) -> None:
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}; allowed: {', '.join(SPACINGS)}")
+        if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be an integer >= 0, got {self.steps_offset!r}")
+        if self.kind != "discrete":
+            if self.alphas_cumprod is not None:
+                raise ValueError(f"alphas_cumprod is for kind 'discrete' only, got it with kind {self.kind!r}")
+            if self.spacing not in (None, "uniform"):
+                raise ValueError(f"spacing {self.spacing!r} needs kind 'discrete' (a training grid); "
+                                 f"allowed for kind {self.kind!r}: uniform")
+            object.__setattr__(self, "spacing", "uniform")
+        else:
+            self._set_table()
+            if self.spacing is None:
+                object.__setattr__(self, "spacing", "leading")
+        if self.steps_offset and self.spacing != "leading":
+            raise ValueError(f"steps_offset={self.steps_offset} needs spacing 'leading', got {self.spacing!r}")
+        if self.spacing != "uniform":
+            self._set_grid()
+
+    def _set_table(self) -> None:
+        table = self.alphas_cumprod
+        if table is None:
+            raise ValueError("kind 'discrete' needs alphas_cumprod, the table ᾱ_0 > … > ᾱ_{N−1} in (0, 1)")
+        try:
+            table = tuple(float(a) for a in table)
+        except (TypeError, ValueError):
+            raise ValueError(f"alphas_cumprod must be a sequence of numbers, got {type(self.alphas_cumprod).__name__}"
+                             ) from None
+        bad = next((n for n, a in enumerate(table) if not (0 < a < (table[n - 1] if n else 1.0))), None)
+        if not table or bad is not None:
+            raise ValueError("alphas_cumprod must be a non-empty, strictly decreasing sequence in (0, 1)"
+                             + (f"; entry {bad} is {table[bad]!r}" if table else ", got an empty one"))
+        object.__setattr__(self, "alphas_cumprod", table)
+        # Entry j: log ᾱ at t = jT/N, j = 0..N (0 at t = 0, then log ᾱ_{j−1}); float64, and a copy per
+        # (device, dtype) made on first use.
+        log_table = torch.tensor([0.0, *(math.log(a) for a in table)], dtype=torch.float64)
+        object.__setattr__(self, "_log_tables", {(log_table.device, torch.float64): log_table})
+
+    def _set_grid(self) -> None:
+        """The training indices i_0 > … > i_{M−1} as diffusers' ``set_timesteps`` computes them (numpy,
+        the same expressions, so the rounding is the same), and ``times`` from them."""
+        N, M = len(self.alphas_cumprod), self.num_steps
+        if M > N:
+            raise ValueError(f"num_steps={M} is more than the {N} training steps that spacing {self.spacing!r} "
+                             f"picks from; allowed: num_steps <= {N}, or spacing 'uniform'")
+        if self.spacing == "linspace":
+            idx = np.linspace(0, N - 1, M).round()[::-1].astype(np.int64)
+        elif self.spacing == "leading":
+            idx = (np.arange(0, M) * (N // M)).round()[::-1].astype(np.int64) + self.steps_offset
+        else:
+            idx = np.round(np.arange(N, 0, -N / M)).astype(np.int64) - 1
+        if idx.shape != (M,) or idx[0] >= N or (M > 1 and not (np.diff(idx) < 0).all()):
+            raise ValueError(f"spacing {self.spacing!r} with steps_offset={self.steps_offset} gives training "
+                             f"indices {idx.tolist()[:4]}… for num_steps={M} of {N}; "
+                             f"allowed: {M} distinct indices < {N}")
+        last = float(idx[-1] + 1) / N * self.T
+        if not self.t_min < last:
+            raise ValueError(f"t_min={self.t_min!r} must lie below the last grid time {last!r} "
+                             f"(training index {int(idx[-1])})")
+        times = torch.cat([torch.from_numpy(idx + 1).to(torch.float64) / N * self.T,
+                           torch.tensor([float(self.t_min)], dtype=torch.float64)])
+        object.__setattr__(self, "_grid", (torch.from_numpy(idx), times))
+
+    def _log_table(self, like: Tensor) -> Tensor:
+        """The log ᾱ table, ``(N + 1,)``, entry j at t = jT/N, in ``like``'s dtype and device."""
+        key = (like.device, like.dtype)
+        if key not in self._log_tables:
+            self._log_tables[key] = self._log_tables[(torch.device("cpu"), torch.float64)].to(like.device, like.dtype)
+        return self._log_tables[key]
+
+    def _interval(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(log ᾱ table, u = tN/T, k): u lies in (k, k + 1], k clamped to [0, N − 1] (so the end
+        intervals extend linearly past 0 and T).
+
+        A u within rounding of an integer j counts as j, in (j − 1, j]: a grid time in float32 is off
+        by up to ~6e-8·j in u, and β must be the rate of the interval below it all the same.
+        """
+        table = self._log_table(t)
+        n = table.numel() - 1
+        u = t * (n / self.T)
+        slack = min(4 * torch.finfo(t.dtype).eps * n, 0.25)
+        k = (torch.ceil(u.detach() - slack).long() - 1).clamp(0, n - 1)  # an index: no gradient to carry
+        return table, u, k
 
     # -- the cosine schedule's constants ------------------------------------------------------
     def _cosine_phase0(self) -> float:
@@ -138,6 +264,11 @@ class VPSchedule:
         T = self.T
         if self.kind == "ou":
             return -2.0 * t
+        if self.kind == "discrete":
+            # Written from the right end point, so log ᾱ(t_{k+1}) is the table entry exactly (and
+            # log ᾱ(0) = 0 exactly: k = 0, u = 0 gives L₁ − L₁).
+            table, u, k = self._interval(t)
+            return table[k + 1] - (k + 1 - u) * (table[k + 1] - table[k])
         if self.kind == "linear":
             u = t / T
             return -(self.beta_min * u + 0.5 * (self.beta_max - self.beta_min) * u * u)
@@ -158,6 +289,9 @@ class VPSchedule:
         t = _as_time(t)
         if self.kind == "ou":
             return torch.full_like(t, 2.0)
+        if self.kind == "discrete":  # (N/T)·log(ᾱ_k/ᾱ_{k+1}) on the interval (t_k, t_{k+1}] holding t
+            table, _, k = self._interval(t)
+            return (table[k] - table[k + 1]) * ((table.numel() - 1) / self.T)
         if self.kind == "linear":
             return (self.beta_min + (t / self.T) * (self.beta_max - self.beta_min)) / self.T
         return math.pi / ((1 + self.cosine_s) * self.T) * torch.tan(self._cosine_phase(t))
@@ -168,10 +302,22 @@ class VPSchedule:
 
     @property
     def times(self) -> Tensor:
-        """The sampling grid, float64 of shape ``(M + 1,)``, from T down to t_min (uniform)."""
+        """The sampling grid, float64 of shape ``(M + 1,)``, decreasing to t_min: from T, uniform, or
+        for ``"discrete"`` with a diffusers spacing the grid times (i_m + 1)T/N of :attr:`timesteps`."""
+        if self.spacing != "uniform":
+            return self._grid[1].clone()  # a fresh tensor: the caller may write to it
         times = torch.linspace(self.T, self.t_min, self.num_steps + 1, dtype=torch.float64)
         times[0], times[-1] = self.T, self.t_min  # exact end points
         return times
+
+    @property
+    def timesteps(self) -> Tensor:
+        """``"discrete"`` with a diffusers spacing: the training indices i_0 > … > i_{M−1}, int64 of
+        shape ``(M,)``, that diffusers' ``set_timesteps(M)`` picks; step m starts at ᾱ_{i_m}."""
+        if self.spacing == "uniform":
+            raise ValueError(f"timesteps need kind 'discrete' with spacing leading, trailing or linspace; "
+                             f"this schedule is {self.kind!r} with spacing 'uniform'")
+        return self._grid[0].clone()
 
     def marginal(self, x0: Tensor, t, noise: Tensor) -> Tensor:
         """x_t = √ᾱ(t) x₀ + σ(t) n: a draw of the forward process at t given x₀ and n ~ N(0, I).
