@@ -68,6 +68,7 @@ class Config:
     pretrain_steps: int = 6_000
     algorithm: str = "queue-pipelined"
     num_sampling_steps: int = 20  # M
+    time_power: float = 1.0  # ρ of the sampling grid t_min + (T − t_min)(1 − m/M)^ρ (1: uniform; > 1: finer near 0)
     batch_size: int = 16  # per queue slot (per update for the nested loop)
     num_steps: int = 400  # iterations
     reward_weight: float = 30.0  # λ
@@ -97,6 +98,7 @@ class Config:
         if sum(bool(v) for v in (self.model, self.data, self.diffusers_model)) > 1:
             raise ConfigError("give at most one of model (a pretrained file), diffusers_model (a diffusers "
                               "directory) and data (images to pretrain on)")
+        positive(self, "time_power")
         positive(self, "pretrain_steps", "num_sampling_steps", "batch_size", "num_steps", "lr", "eval_every",
                  "eval_samples", "grid_images", "max_grad_norm")
         if self.eval_samples < 2:
@@ -219,7 +221,7 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
     if config.reward == "red" and shape[0] != 3:
         raise ConfigError(f"the red reward needs a colour (3-channel) model; {source} has {shape[0]} channel(s)")
     try:
-        schedule = replace(trained_schedule, num_steps=config.num_sampling_steps)
+        schedule = replace(trained_schedule, num_steps=config.num_sampling_steps, time_power=config.time_power)
     except ValueError as e:  # e.g. more sampling steps than a diffusers scheduler's training grid has
         raise ConfigError(f"config key 'num_sampling_steps' ({config.num_sampling_steps}) does not fit {source}: "
                           f"{e}") from None
