@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,30 +254,33 @@ def test_a_generator_saved_before_devices_were_recorded_loads_as_a_cpu_one():
     assert torch.equal(fresh.get_state(), g.get_state())
 
 
-def test_resume_with_device_cpu_continues_bit_for_bit(tmp_path):
-    """A checkpointed run resumed with ``--device cpu`` (its own device here) ends with the same files
-    as the uninterrupted run."""
+def _main_interrupted_at(args: list[str], done_at: int, monkeypatch) -> int:
+    """``main(args)`` with the run stopped, as by Ctrl-C, when its evaluation after ``done_at``
+    updates comes (the last checkpoint before it is what ``resume`` continues from)."""
     from implicit_diffusion.runtime.checkpoints import RunInterrupted
     from implicit_diffusion.runtime.recording import EvalRecorder
 
-    args = ["run", "langevin-mixture", "--device", "cpu", "--set", "num_steps=60", "--set", "num_particles=100",
-            "--set", "eval_every=20", "--checkpoint-every", "30", "--no-progress"]
-    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     original = EvalRecorder.record
 
     def crash(self, done, x):
-        if done == 40:
-            raise RunInterrupted(done, tmp_path / "x")
+        if done == done_at:
+            raise RunInterrupted(done, Path("unused"))
         return original(self, done, x)
 
-    EvalRecorder.record = crash
-    try:
-        assert main([*args, "--out", str(tmp_path / "cut")]) == 130
-    finally:
-        EvalRecorder.record = original
+    with monkeypatch.context() as patch:
+        patch.setattr(EvalRecorder, "record", crash)
+        return main(args)
+
+
+def test_resume_with_device_cpu_continues_bit_for_bit(tmp_path, monkeypatch):
+    """A checkpointed run resumed with ``--device cpu`` (its own device here) ends with the same files
+    as the uninterrupted run."""
+    args = ["run", "langevin-mixture", "--device", "cpu", "--set", "num_steps=60", "--set", "num_particles=100",
+            "--set", "eval_every=20", "--checkpoint-every", "30", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert _main_interrupted_at([*args, "--out", str(tmp_path / "cut")], 40, monkeypatch) == 130
     assert main(["resume", str(tmp_path / "cut"), "--device", "cpu"]) == 0
-    for f in ("metrics.jsonl",):
-        assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes()
+    assert (tmp_path / "whole" / "metrics.jsonl").read_bytes() == (tmp_path / "cut" / "metrics.jsonl").read_bytes()
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(tmp_path / "whole" / "theta.safetensors")["theta"],
@@ -295,24 +299,10 @@ def test_resume_on_an_absent_device_is_a_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_a_run_written_on_cuda_resumes_on_the_cpu(tmp_path):  # pragma: no cover - GPU machines only
-    from implicit_diffusion.runtime.checkpoints import RunInterrupted
-    from implicit_diffusion.runtime.recording import EvalRecorder
-
+def test_a_run_written_on_cuda_resumes_on_the_cpu(tmp_path, monkeypatch):  # pragma: no cover - GPU machines only
     args = ["run", "langevin-mixture", "--device", "cuda", "--set", "num_steps=60", "--set", "num_particles=100",
             "--set", "eval_every=20", "--checkpoint-every", "30", "--no-progress", "--out", str(tmp_path / "r")]
-    original = EvalRecorder.record
-
-    def crash(self, done, x):
-        if done == 40:
-            raise RunInterrupted(done, tmp_path / "x")
-        return original(self, done, x)
-
-    EvalRecorder.record = crash
-    try:
-        assert main(args) == 130
-    finally:
-        EvalRecorder.record = original
+    assert _main_interrupted_at(args, 40, monkeypatch) == 130
     with pytest.warns(CrossDeviceResume):
         assert main(["resume", str(tmp_path / "r"), "--device", "cpu"]) == 0
     assert (tmp_path / "r" / "summary.json").exists()
