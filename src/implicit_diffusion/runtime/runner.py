@@ -44,13 +44,13 @@ def execute(experiment: ModuleType, config, run_dir: str | Path, *, name: str | 
     (``name`` is stored in it so that :func:`resume` finds the experiment again).
     """
     name = name or experiment.__name__.rsplit(".", 1)[-1]
-    _device_of(config)  # an absent device is a one-line error before the run directory is made
+    device = _device_of(config)  # an absent device is a one-line error before the run directory is made
     if tensorboard:
         from .tensorboard import TensorBoardSink  # noqa: F401 - fail early if it is not installed
     if distributed.active():
-        return _execute_sharded(experiment, config, run_dir, name, tensorboard)
+        return _execute_sharded(experiment, config, run_dir, name, tensorboard, device)
     run_dir = prepare_run_dir(run_dir)
-    _write_run_info(run_dir, name, config)
+    _write_run_info(run_dir, name, device)
     atomic_write_text(run_dir / "config.toml", config_to_toml(config))
     return _run(experiment, config, run_dir, name, resumed=None, tensorboard=tensorboard)
 
@@ -68,7 +68,7 @@ def _device_of(config) -> str | None:
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
-def _write_run_info(run_dir: Path, name: str, config=None) -> None:
+def _write_run_info(run_dir: Path, name: str, device: str | None) -> None:
     """``run.json``: which experiment made this directory (for ``report``), when, how and where."""
     import json
     import sys
@@ -79,13 +79,13 @@ def _write_run_info(run_dir: Path, name: str, config=None) -> None:
 
     info = {"experiment": name, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
             "implicit_diffusion": __version__, "torch": torch.__version__}
-    device = _device_of(config)
     if device is not None:
         info["device"] = device
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
 
-def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: str, tensorboard: bool):
+def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: str, tensorboard: bool,
+                     device: str | None):
     """Under torchrun: every process runs its shard; only rank 0 writes (no checkpoints yet).
     Rank 0 prepares the directory first and all processes agree before any collective call,
     so a bad ``--out`` stops them all instead of leaving the others waiting. Experiments that do
@@ -96,7 +96,7 @@ def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: 
     if distributed.is_main():
         try:
             run_dir = prepare_run_dir(run_dir)
-            _write_run_info(run_dir, name, config)
+            _write_run_info(run_dir, name, device)
             atomic_write_text(run_dir / "config.toml", config_to_toml(config))
         except RunDirError as e:
             error = e
