@@ -11,22 +11,23 @@ from implicit_diffusion.cli import main
 from implicit_diffusion.models import UNet
 from implicit_diffusion.objectives import GirsanovKL, brightness
 from implicit_diffusion.objectives.evaluation import Evaluation, rise_in_se
-from implicit_diffusion.samplers import VPSchedule, euler_maruyama_step, sample, to_score
+from implicit_diffusion.samplers import VPSchedule, ddpm_step, euler_maruyama_step, sample, to_score
 
 SHAPE = (1, 8, 8)
 
 
-def _mean_brightness(model, sched, n, seed):
+def _mean_brightness(model, sched, n, seed, step=euler_maruyama_step):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        x = sample(euler_maruyama_step, model, torch.randn(n, *SHAPE, generator=g), schedule=sched, generator=g,
+        x = sample(step, model, torch.randn(n, *SHAPE, generator=g), schedule=sched, generator=g,
                    prediction="epsilon")
     r = brightness(x)
     return r.mean().item(), (r.std() / n**0.5).item()
 
 
+@pytest.mark.parametrize("step", [euler_maruyama_step, ddpm_step], ids=["euler-maruyama", "ddpm"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_queue_finetuning_moves_brightness_the_way_the_reward_asks(sign):
+def test_queue_finetuning_moves_brightness_the_way_the_reward_asks(sign, step):
     """A tiny U-Net (zero-initialised output: samples start as N(0, I)-like images of mean ≈ 0),
     reward ±brightness, 40 queue iterations with Adam. The sample mean must move by > 5 SE in
     the reward's direction: a sign error in the adjoint, the reward weight or the conversion
@@ -34,13 +35,13 @@ def test_queue_finetuning_moves_brightness_the_way_the_reward_asks(sign):
     torch.manual_seed(0)  # UNet's default initialisation only; the algorithm uses its generator
     model = UNet(in_channels=1, base_channels=8, channel_mults=(1, 2))
     sched = VPSchedule("linear", num_steps=5)
-    before, se0 = _mean_brightness(model, sched, 400, seed=1)
-    algo = DiffusionQueue(model, euler_maruyama_step, sched, torch.optim.Adam(model.parameters(), lr=3e-3),
+    before, se0 = _mean_brightness(model, sched, 400, seed=1, step=step)
+    algo = DiffusionQueue(model, step, sched, torch.optim.Adam(model.parameters(), lr=3e-3),
                           init_fn=lambda g: torch.randn(8, *SHAPE, generator=g),
                           reward_fn=lambda x: sign * brightness(x), reward_weight=10.0, prediction="epsilon",
                           adjoint="pipelined")
     algo.run(40, generator=torch.Generator().manual_seed(0))
-    after, se1 = _mean_brightness(model, sched, 400, seed=2)
+    after, se1 = _mean_brightness(model, sched, 400, seed=2, step=step)
     assert sign * (after - before) > 5 * (se0**2 + se1**2) ** 0.5
 
 
@@ -106,6 +107,18 @@ def test_finetune_run_and_sweep_write_their_outputs(tiny_digits_model, tmp_path,
     names = {p.name for p in out.iterdir()}
     assert {"tradeoff.png", "finetuned-0.safetensors", "finetuned-1.safetensors", "samples-1.png"} <= names
     assert [r["reward_weight"] for r in json.loads((out / "summary.json").read_text())["runs"]] == [10.0, 1000.0]
+
+
+def test_finetune_with_ddpm_steps_records_its_sampler_and_a_positive_path_kl(tiny_digits_model, tmp_path, capsys):
+    out = tmp_path / "ddpm"
+    args = ["run", "diffusion-finetune", "--set", f"model='{tiny_digits_model}'", *TINY, "--set", "sampler=ddpm",
+            "--set", "num_steps=8",  # the first θ update is at iteration 2(M − 1) = 4
+            "--set", "eval_every=4", "--set", "lr=1e-2", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["sampler"], summary["num_sampling_steps"], summary["time_power"]) == ("ddpm", 3, 2.0)
+    assert summary["runs"][0]["kl"] > 0
+    assert "ddpm, M = 3 steps, grid power ρ = 2" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,6 +1,6 @@
 """Command line: parse arguments into a config and call an experiment. Nothing else lives here.
 
-    implicit-diffusion run NAME [--config FILE.toml|.yaml] [--set key=value ...] [--seed N]
+    implicit-diffusion run NAME [--preset NAME] [--config FILE.toml|.yaml] [--set key=value ...] [--seed N]
                                 [--out DIR] [--no-progress] [--data PATH] [--trust-pickle]
                                 [--reward NAME] [--sweep]
                                 [--checkpoint-every N] [--diffusers-model DIR] [--tensorboard]
@@ -14,7 +14,9 @@
 ``--data``, ``--trust-pickle``, ``--reward``, ``--sweep``, ``--checkpoint-every``, ``--device`` and
 ``--dtype`` are shorthands for the config keys ``data``, ``trust_pickle``, ``reward``, ``sweep``,
 ``checkpoint_every``, ``device`` and ``dtype``; an experiment without such a key says so. ``resume``
-continues a run from its checkpoint, on another device with ``--device``.
+continues a run from its checkpoint, on another device with ``--device``. ``--preset NAME`` starts
+from a named set of settings of the experiment (its ``PRESETS``; ``list`` shows them), which
+``--config`` and ``--set`` then override.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run an experiment")
     r.add_argument("experiment", choices=sorted(EXPERIMENTS), help="experiment name")
+    r.add_argument("--preset", metavar="NAME",
+                   help="start from the experiment's named settings (see `list`), e.g. diffusion-finetune "
+                        "--preset mnist5k; --config and --set override them")
     _common_options(r)
     r.add_argument("--reward", help="reward name (same as --set reward=NAME)")
     r.add_argument("--sweep", action="store_true", help="sweep the experiment's trade-off (same as --set sweep=true)")
@@ -92,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         sources = [{"dataset": args.dataset}]
     else:
         name, experiment = args.experiment, EXPERIMENTS[args.experiment]
-        sources = []
+        sources = [] if args.preset is None else [_preset(name, experiment, args.preset)]
     if args.config:
         sources.append(load_config_file(args.config))
     sources.append(parse_overrides(args.overrides))
@@ -125,6 +130,16 @@ def _run(args: argparse.Namespace) -> int:
 
             dist.destroy_process_group()
     return 0
+
+
+def _preset(name: str, experiment, preset: str) -> dict:
+    from .errors import ConfigError
+
+    presets = getattr(experiment, "PRESETS", {})
+    if preset not in presets:
+        allowed = f"available: {', '.join(presets)}" if presets else "it has none"
+        raise ConfigError(f"unknown preset {preset!r} for {name}; {allowed}")
+    return presets[preset]
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -167,6 +182,8 @@ def _list() -> int:
         print(title)
         for f in dataclasses.fields(module.Config):
             print(f"  {f.name} = {f.default!r}")
+        for preset, values in getattr(module, "PRESETS", {}).items():
+            print(f"  --preset {preset}: " + ", ".join(f"{k} = {v!r}" for k, v in values.items()))
     return 0
 
 

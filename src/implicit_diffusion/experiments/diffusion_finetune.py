@@ -4,9 +4,12 @@ Marion et al. 2024, §5.2: starting from a pretrained score model θ₀, minimis
 
     F(θ) = −λ E_{x ∼ p_θ}[R(x)] + β KL(path_θ ‖ path_θ₀)
 
-where p_θ is the law of the M-step reverse-SDE sampler (Euler–Maruyama on the model's VP
-schedule) and the path KL is Girsanov's running cost Σ_m ½β(t_m)h_m‖s_θ − s_θ₀‖²
-(objectives.girsanov.GirsanovKL), swept backwards in the same adjoint pass as the reward. θ is
+where p_θ is the law of the M-step sampler on the model's VP schedule — DDPM ancestral steps
+(default, M = 50) or Euler–Maruyama steps of the reverse SDE (``sampler``), on the grid
+t_m = t_min + (T − t_min)(1 − m/M)^ρ (``time_power`` ρ = 2 by default: finer near the data) —
+and the path KL is the exact KL of the sampler's Gaussian transitions, Σ_m k_m E‖s_θ − s_θ₀‖²
+(Girsanov's ½β(t_m)h_m for Euler–Maruyama; objectives.girsanov.GirsanovKL, score_kl_weights),
+swept backwards in the same adjoint pass as the reward. θ is
 trained by the queue algorithm (algorithms.queue; pipelined adjoint by default) or the nested
 loop. Rewards: ``brightness`` (mean pixel, default, on the shipped digits model) and ``red``
 (red minus the other channels, on the shipped colour-patch model). ``--sweep`` repeats the run
@@ -48,27 +51,40 @@ from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
 from ..runtime.validation import nonnegative, one_of, positive
 from ..samplers.blocks import block_generator
-from ..samplers.diffusion import euler_maruyama_step
+from ..samplers.diffusion import DIFFUSION_STEPS
 from ..samplers.schedules import VPSchedule
 
-__all__ = ["ALGORITHMS", "Config", "Result", "RunRecord", "run", "save", "table"]
+__all__ = ["ALGORITHMS", "PRESETS", "Config", "Result", "RunRecord", "run", "save", "table"]
 
 ALGORITHMS = DIFFUSION_ALGORITHMS
 DEFAULT_MODEL = {"brightness": "digits", "red": "photo-patches"}
 SUPPORTS_SHARDING = True  # torchrun: particles / queue slots split over processes
+DEFAULT_TIME_POWER = 2.0  # time_power = 0 on a uniform (continuous) grid: see tests/test_default_sampler.py
+SAMPLERS = ("ddpm", "euler-maruyama")  # stochastic steps with an exact path KL (score_kl_weights)
+
+
+# `run diffusion-finetune --preset NAME`: settings applied before --config and --set
+PRESETS: dict[str, dict] = {
+    # §5.2 on real MNIST: the shipped 28×28 model, the queue at M = 50 (docs/diffusion-finetune.md)
+    "mnist5k": {"model": "mnist5k", "num_sampling_steps": 50, "batch_size": 4, "num_steps": 300},
+}
 
 
 @dataclass(frozen=True)
 class Config:
-    model: str = ""  # a model.safetensors from `pretrain`; "" = the shipped model for the reward
+    model: str = ""  # a shipped model's name (digits, photo-patches, mnist5k) or a model.safetensors from
+    # `pretrain`; "" = the shipped model for the reward
     diffusers_model: str = ""  # or a local diffusers UNet2DModel + DDPM/DDIM scheduler directory
     reward: str = "brightness"
     data: str = ""  # pretrain on these images first (when no model is given)
     trust_pickle: bool = False
     pretrain_steps: int = 6_000
     algorithm: str = "queue-pipelined"
-    num_sampling_steps: int = 20  # M
-    time_power: float = 1.0  # ρ of the sampling grid t_min + (T − t_min)(1 − m/M)^ρ (1: uniform; > 1: finer near 0)
+    sampler: str = "ddpm"  # the sampler step: ddpm (ancestral) or euler-maruyama (reverse SDE)
+    num_sampling_steps: int = 50  # M
+    # ρ of the sampling grid t_min + (T − t_min)(1 − m/M)^ρ (1: uniform; > 1: finer near 0); 0: the model's
+    # default, ρ = 2 on a built-in model's continuous schedule, a diffusers scheduler's own timestep spacing
+    time_power: float = 0.0
     batch_size: int = 16  # per queue slot (per update for the nested loop)
     num_steps: int = 400  # iterations
     reward_weight: float = 30.0  # λ
@@ -98,7 +114,8 @@ class Config:
         if sum(bool(v) for v in (self.model, self.data, self.diffusers_model)) > 1:
             raise ConfigError("give at most one of model (a pretrained file), diffusers_model (a diffusers "
                               "directory) and data (images to pretrain on)")
-        positive(self, "time_power")
+        nonnegative(self, "time_power", note="(0: the model's default grid)")
+        one_of(self, "sampler", SAMPLERS)
         positive(self, "pretrain_steps", "num_sampling_steps", "batch_size", "num_steps", "lr", "eval_every",
                  "eval_samples", "grid_images", "max_grad_norm")
         if self.eval_samples < 2:
@@ -153,7 +170,9 @@ class Result:
         return Evaluation(*(r.evals[k][-1] for k in ("reward", "reward_se", "kl", "kl_se")))
 
     def summary(self) -> dict:
-        out = {"model": self.model_source, "reward": self.config.reward, "algorithm": self.config.algorithm,
+        c, sch = self.config, self.schedule
+        out = {"model": self.model_source, "reward": c.reward, "algorithm": c.algorithm, "sampler": c.sampler,
+               "num_sampling_steps": sch.num_steps, "time_power": sch.time_power, "spacing": sch.spacing,
                "pretrained_reward": self.base.reward, "pretrained_reward_se": self.base.reward_se, "runs": []}
         for r in self.runs:
             f = self.final(r)
@@ -166,7 +185,7 @@ class Result:
 
 def _load_model(config: Config, metrics_sink):
     from ..models.io import load_score_model
-    from ..pretrained import load_pretrained
+    from ..pretrained import PRETRAINED, load_pretrained
 
     if config.diffusers_model:
         from ..models.diffusers_adapter import load_diffusers
@@ -181,7 +200,9 @@ def _load_model(config: Config, metrics_sink):
                                            progress=config.progress, device=config.device, dtype=config.dtype),
                          metrics_sink=metrics_sink)
         return pre.model, pre.schedule, tuple(pre.data_sample.shape[1:]), f"pretrained here on {config.data}", None
-    if config.model:
+    if config.model in PRETRAINED and not Path(config.model).exists():  # a shipped model's name
+        loaded, source = load_pretrained(config.model), f"shipped '{config.model}' model"
+    elif config.model:
         loaded, source = load_score_model(config.model), config.model
     else:
         name = DEFAULT_MODEL[config.reward]
@@ -221,14 +242,17 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
     if config.reward == "red" and shape[0] != 3:
         raise ConfigError(f"the red reward needs a colour (3-channel) model; {source} has {shape[0]} channel(s)")
     try:
-        schedule = replace(trained_schedule, num_steps=config.num_sampling_steps, time_power=config.time_power)
+        power = config.time_power or (DEFAULT_TIME_POWER if trained_schedule.spacing == "uniform" else 1.0)
+        schedule = replace(trained_schedule, num_steps=config.num_sampling_steps, time_power=power)
     except ValueError as e:  # e.g. more sampling steps than a diffusers scheduler's training grid has
-        raise ConfigError(f"config key 'num_sampling_steps' ({config.num_sampling_steps}) does not fit {source}: "
+        raise ConfigError(f"the sampling grid (config keys 'num_sampling_steps' = {config.num_sampling_steps}, "
+                          f"'time_power' = {config.time_power:g}) does not fit {source}: "
                           f"{e}") from None
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    step = DIFFUSION_STEPS[config.sampler]
     if resumed is None:
-        kl0 = path_kl_cost(net, schedule, 1.0)
-        base, _ = evaluate(net, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
+        kl0 = path_kl_cost(net, schedule, 1.0, step)
+        base, _ = evaluate(net, step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
                            kl=kl0, generator=generator_on(device, config.seed + 1), prediction=model.prediction,
                            dtype=precision.dtype)
     else:
@@ -267,10 +291,11 @@ def _finetune(config: Config, model, net, precision: Precision, schedule, shape,
     cls, options = ALGORITHMS[config.algorithm]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    running_cost = path_kl_cost(net, schedule, beta) if beta > 0 else None  # θ₀: the weights now
-    kl_eval = running_cost or path_kl_cost(net, schedule, 1.0)
+    step = DIFFUSION_STEPS[config.sampler]
+    running_cost = path_kl_cost(net, schedule, beta, step) if beta > 0 else None  # θ₀: the weights now
+    kl_eval = running_cost or path_kl_cost(net, schedule, 1.0, step)
     device, dtype = params[0].device, precision.dtype
-    algo = cls(net, euler_maruyama_step, schedule, optimizer,
+    algo = cls(net, step, schedule, optimizer,
                init_fn=lambda gen: torch.randn((config.batch_size // world_size(), *shape), generator=gen,
                                                device=device, dtype=dtype),
                reward_fn=reward_fn, reward_weight=lam, running_cost=running_cost, prediction=model.prediction,
@@ -284,13 +309,13 @@ def _finetune(config: Config, model, net, precision: Precision, schedule, shape,
 
     def measure(done: int, _x) -> dict:
         """Reward and path KL of fresh samples, each ± SE (independent noise at every evaluation)."""
-        ev, _ = evaluate(net, euler_maruyama_step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
+        ev, _ = evaluate(net, step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
                          kl=kl_eval, generator=generator_on(device, config.seed + 1000 + done),
                          prediction=model.prediction, dtype=dtype)
         return ev._asdict()
 
     def grid(done: int, _x) -> torch.Tensor:  # the same noise at every grid: rows are comparable across steps
-        return sample_images(net, euler_maruyama_step, schedule, shape, config.grid_images,
+        return sample_images(net, step, schedule, shape, config.grid_images,
                              generator=generator_on(device, config.seed + 2), prediction=model.prediction,
                              dtype=dtype)[-1].cpu()
 
@@ -407,7 +432,10 @@ def save(result: Result, run_dir) -> list[str]:
 def table(result: Result) -> str:
     """The terminal summary: the pretrained reward, then each run's reward (rise in SE) and path KL."""
     b = result.base
+    c, sch = result.config, result.schedule
+    grid = f"grid power ρ = {sch.time_power:g}" if sch.spacing == "uniform" else f"'{sch.spacing}' timesteps"
     rows = [("model", result.model_source),
+            ("sampler", f"{c.sampler}, M = {sch.num_steps} steps, {grid}"),
             (f"pretrained: mean {result.config.reward} (± SE)", f"{b.reward:.4f} ± {b.reward_se:.4f}")]
     for r in result.runs:
         f = result.final(r)

@@ -25,6 +25,12 @@ over m by the chain rule (likewise ½β h_m‖Δs‖² for the VP Euler–Maruya
 :class:`DiscreteMeanKL` is that formula for any step x_{m+1} = μ_θ(x_m) + σ_m z (the
 DDPM-discrete form Σ_m E‖μ_θ − μ_θ₀‖²/(2σ_m²)).
 
+Any step whose mean is affine in the score, μ = a_m x + k_m s(x, t_m), with noise sd σ_m has the
+exact transition KL (k_m²/(2σ_m²))‖Δs‖²: a :class:`GirsanovKL` with those step weights
+(:func:`score_kl_weights`). For DDPM ancestral steps (k_m = β_m/√α_m, σ_m² the posterior
+variance β_m(1 − ᾱ(t_{m+1}))/(1 − ᾱ(t_m))) the weight is β_m(1 − ᾱ(t_m))/(2α_m(1 − ᾱ(t_{m+1}))),
+→ ½β(t_m)h_m as the steps shrink. One network forward of θ per step, as for Euler–Maruyama.
+
 θ₀ is a frozen copy of the model's parameters and buffers taken at construction, evaluated with
 ``torch.func.functional_call`` (as :class:`~.kl.KLToReference` does).
 """
@@ -37,10 +43,12 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from .._checks import callable_name
+from ..samplers.diffusion import ddpm_step, euler_maruyama_step
 from ..samplers.schedules import to_score
 from .adjoint import ModelCall, Trajectory
 
-__all__ = ["GirsanovKL", "DiscreteMeanKL", "path_kl_cost"]
+__all__ = ["GirsanovKL", "DiscreteMeanKL", "path_kl_cost", "score_kl_weights"]
 
 
 class _Frozen(torch.nn.Module):
@@ -73,6 +81,8 @@ class GirsanovKL:
         beta: the noise rate β(t) of a VP schedule, ``beta(times) -> same shape``. Default: the
             schedule's own ``beta`` method when ``times`` is a schedule that has one
             (``samplers.schedules.VPSchedule``), else β ≡ 2 (the OU convention).
+        step_weights: the M weights k_m²/(2σ_m²) of another Gaussian step (see
+            :func:`score_kl_weights`) instead of Euler–Maruyama's ½β(t_m)h_m; ``beta`` is then unused.
         to_score: ``to_score(output, x, t) -> score`` when the model does not output the score,
             e.g. ε-prediction with noise level σ(t): ``lambda eps, x, t: -eps / sigma(t)[:, None]``.
 
@@ -91,6 +101,7 @@ class GirsanovKL:
         *,
         to_score: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
         beta: Callable[[Tensor], Tensor] | None = None,
+        step_weights: Sequence[float] | None = None,
     ):
         if not weight >= 0:
             raise ValueError(f"weight must be ≥ 0, got {weight}")
@@ -104,6 +115,12 @@ class GirsanovKL:
         rate = [2.0] * (len(t) - 1) if beta is None else _rates(beta, self.times[:-1])
         # ½β(t_m)·h_m: Girsanov's ½‖Δμ‖²/g² with Δμ = βΔs and g² = β (= h_m when β ≡ 2)
         self.step_weights = [0.5 * rate[m] * (t[m] - t[m + 1]) for m in range(len(t) - 1)]
+        if step_weights is not None:
+            given = [float(w) for w in step_weights]
+            if len(given) != len(t) - 1 or any(not 0 <= w < float("inf") for w in given):
+                raise ValueError(f"step_weights must be {len(t) - 1} finite numbers >= 0 (one per step), "
+                                 f"got {step_weights!r}")
+            self.step_weights = given
         self._weights = torch.tensor(self.step_weights, dtype=torch.float64)
 
     @property
@@ -205,11 +222,52 @@ class DiscreteMeanKL:
         return out[0] if isinstance(out, tuple) else out
 
 
-def path_kl_cost(model: torch.nn.Module, schedule, weight: float) -> GirsanovKL:
-    """β·KL(path_θ ‖ path_θ₀) as a running cost for ``model`` (θ₀ = its weights now), converting
-    its output (ε, x₀ or score) to the score on ``schedule``."""
+def _euler_maruyama_weights(schedule) -> list[float]:
+    t = schedule.times.to(torch.float64)
+    return (0.5 * schedule.beta(t[:-1]) * (t[:-1] - t[1:])).tolist()
+
+
+def _ddpm_weights(schedule) -> list[float]:
+    t = schedule.times.to(torch.float64)
+    log_ab, log_ab_next = schedule.log_alpha_bar(t[:-1]), schedule.log_alpha_bar(t[1:])
+    beta_m = -torch.expm1(log_ab - log_ab_next)  # 1 − α_m, as in ddpm_step
+    var, var_next = -torch.expm1(log_ab), -torch.expm1(log_ab_next)
+    # k_m²/(2σ̃_m²) with k_m = β_m/√α_m, σ̃_m² = β_m var_next/var; a noise-free last step (var_next = 0)
+    # is left out, as DiscreteMeanKL does
+    w = beta_m * var / (2 * (1 - beta_m) * var_next)
+    return torch.where(var_next > 0, w, torch.zeros_like(w)).tolist()
+
+
+_SCORE_KL_WEIGHTS = {euler_maruyama_step: _euler_maruyama_weights, ddpm_step: _ddpm_weights}
+
+
+def score_kl_weights(step, schedule) -> list[float]:
+    """The M weights k_m²/(2σ_m²) of KL(path_θ ‖ path_θ₀) = Σ_m k_m²/(2σ_m²) E‖s_θ − s_θ₀‖²(x_m, t_m).
+
+    Exact for the two stochastic steps of :mod:`~implicit_diffusion.samplers.diffusion`, whose
+    transitions are N(a_m x + k_m s(x, t_m), σ_m² I):
+
+    - ``euler_maruyama_step``: k_m = β(t_m)h_m, σ_m² = β(t_m)h_m, weight ½β(t_m)h_m;
+    - ``ddpm_step``: k_m = β_m/√α_m, σ_m² = β_m(1 − ᾱ(t_{m+1}))/(1 − ᾱ(t_m)),
+      weight β_m(1 − ᾱ(t_m))/(2α_m(1 − ᾱ(t_{m+1}))) (Ho et al. 2020, eq. 5's L_{t−1}).
+
+    Deterministic steps (DDIM, probability flow) have no path KL; for another stochastic step
+    use :class:`DiscreteMeanKL`.
+    """
+    weights = _SCORE_KL_WEIGHTS.get(step)
+    if weights is None:
+        raise ValueError(f"no closed-form path KL for the step {callable_name(step)}; exact weights exist for "
+                         f"euler_maruyama_step and ddpm_step (DiscreteMeanKL takes any Gaussian step)")
+    return weights(schedule)
+
+
+def path_kl_cost(model: torch.nn.Module, schedule, weight: float, step=euler_maruyama_step) -> GirsanovKL:
+    """β·KL(path_θ ‖ path_θ₀) of the sampler ``step`` on ``schedule`` as a running cost for ``model``
+    (θ₀ = its weights now), converting its output (ε, x₀ or score) to the score. ``step``:
+    ``euler_maruyama_step`` or ``ddpm_step`` (:func:`score_kl_weights`)."""
     prediction = model.prediction
-    return GirsanovKL(model, schedule, weight,
+    weights = None if step is euler_maruyama_step else score_kl_weights(step, schedule)
+    return GirsanovKL(model, schedule, weight, step_weights=weights,
                       to_score=lambda out, x, t: to_score(out, x, t, schedule, prediction))
 
 

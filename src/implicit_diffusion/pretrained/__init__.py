@@ -6,9 +6,11 @@ name                data                         reproduce
 ``digits``          scikit-learn's 8×8 digits    ``implicit-diffusion pretrain digits``
 ``photo-patches``   8×8 colour patches of        ``implicit-diffusion pretrain photo-patches``
                     scikit-learn's sample photos
+``mnist5k``         5,000 real 28×28 MNIST       ``implicit-diffusion pretrain mnist5k``
+                    digits (the ``mnist`` extra)
 ==================  ===========================  ==============================================
 
-Both are :class:`~implicit_diffusion.models.unet.UNet` ε-predictors on the ``"linear"`` VP
+All are :class:`~implicit_diffusion.models.unet.UNet` ε-predictors on the ``"linear"`` VP
 schedule, trained with the ``pretrain`` defaults and seed 0 (the exact command is also stored in
 each file's metadata, ``extra["reproduce"]``).
 """
@@ -21,7 +23,7 @@ from ..errors import DataError
 
 __all__ = ["PRETRAINED", "pretrained_path", "load_pretrained"]
 
-PRETRAINED = ("digits", "photo-patches")
+PRETRAINED = ("digits", "photo-patches", "mnist5k")
 
 
 def pretrained_path(name: str) -> Path:
