@@ -68,8 +68,10 @@ class MetricsWriter:
         self._f.flush()
 
     def tell(self) -> int:
-        """The file's length in bytes: everything written so far is flushed."""
+        """The file's length in bytes, after flushing and syncing everything written so far to disk
+        (a checkpoint records it: the records it counts must survive a power loss)."""
         self._f.flush()
+        os.fsync(self._f.fileno())
         return os.fstat(self._f.fileno()).st_size
 
     def close(self) -> None:

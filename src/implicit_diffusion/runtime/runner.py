@@ -3,6 +3,7 @@ and resume one from its checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import time
@@ -14,6 +15,7 @@ from ..errors import ConfigError, RunDirError
 from ..serialization import atomic_write_text
 from .checkpoints import CHECKPOINT_FILE, Checkpoints, load_checkpoint
 from .config import build_config, config_to_dict, config_to_toml, load_config_file
+from .lock import RunDirLock
 from .rundir import MetricsWriter, prepare_run_dir
 
 __all__ = ["execute", "default_run_dir", "resume"]
@@ -50,9 +52,10 @@ def execute(experiment: ModuleType, config, run_dir: str | Path, *, name: str | 
     if distributed.active():
         return _execute_sharded(experiment, config, run_dir, name, tensorboard, device)
     run_dir = prepare_run_dir(run_dir)
-    _write_run_info(run_dir, name, device)
-    atomic_write_text(run_dir / "config.toml", config_to_toml(config))
-    return _run(experiment, config, run_dir, name, resumed=None, tensorboard=tensorboard)
+    with RunDirLock(run_dir):  # one process per run directory (a concurrent resume is refused)
+        _write_run_info(run_dir, name, device)
+        atomic_write_text(run_dir / "config.toml", config_to_toml(config))
+        return _run(experiment, config, run_dir, name, resumed=None, tensorboard=tensorboard)
 
 
 def _device_of(config) -> str | None:
@@ -92,21 +95,24 @@ def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: 
     not split their work (no ``SUPPORTS_SHARDING = True``) are refused, on every process."""
     if not getattr(experiment, "SUPPORTS_SHARDING", False):
         raise ConfigError(f"experiment {name!r} does not shard its work over processes; run it without torchrun")
-    error = None
-    if distributed.is_main():
+    error, lock = None, contextlib.ExitStack()
+    if distributed.is_main():  # rank 0 writes, so it holds the directory's lock
         try:
             run_dir = prepare_run_dir(run_dir)
+            lock.enter_context(RunDirLock(run_dir))
             _write_run_info(run_dir, name, device)
             atomic_write_text(run_dir / "config.toml", config_to_toml(config))
         except RunDirError as e:
             error = e
-    if not distributed.agree(error is None):
-        raise error or RunDirError(f"rank 0 could not prepare the output directory {str(run_dir)!r}")
-    if not distributed.is_main():
-        return experiment.run(config), []
-    with MetricsWriter(Path(run_dir) / "metrics.jsonl") as metrics, _Sinks(metrics, run_dir, tensorboard) as sink:
-        result = experiment.run(config, metrics_sink=sink)
-    return result, ["run.json", "config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]
+    with lock:
+        if not distributed.agree(error is None):
+            raise error or RunDirError(f"rank 0 could not prepare the output directory {str(run_dir)!r}")
+        if not distributed.is_main():
+            return experiment.run(config), []
+        with MetricsWriter(Path(run_dir) / "metrics.jsonl") as metrics, \
+                _Sinks(metrics, run_dir, tensorboard) as sink:
+            result = experiment.run(config, metrics_sink=sink)
+        return result, ["run.json", "config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]
 
 
 def resume(run_dir: str | Path, experiments: dict[str, ModuleType], *, device: str | None = None):
@@ -121,6 +127,11 @@ def resume(run_dir: str | Path, experiments: dict[str, ModuleType], *, device: s
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"run directory {str(run_dir)!r} does not exist")
+    with RunDirLock(run_dir):  # a second resume (or the run itself, still going) is refused
+        return _resume_locked(run_dir, experiments, device)
+
+
+def _resume_locked(run_dir: Path, experiments: dict[str, ModuleType], device: str | None):
     path = run_dir / CHECKPOINT_FILE
     if (run_dir / "summary.json").exists():  # written last, by experiment.save
         raise RunDirError(f"the run in {str(run_dir)!r} is complete (it has its summary.json); nothing to resume")
@@ -145,9 +156,13 @@ def resume(run_dir: str | Path, experiments: dict[str, ModuleType], *, device: s
                           f"resume needs the run's own config")
     for stale in run_dir.glob(".*.tmp"):  # half-written files of a process killed while writing
         stale.unlink(missing_ok=True)
-    metrics = run_dir / "metrics.jsonl"
+    metrics, offset = run_dir / "metrics.jsonl", int(meta["metrics_offset"])
     with open(metrics, "r+b") as f:  # drop what was written after the checkpoint
-        f.truncate(int(meta["metrics_offset"]))
+        size = os.fstat(f.fileno()).st_size
+        if size < offset:  # never lengthen it (truncate would pad with NUL bytes)
+            raise RunDirError(f"{str(metrics)!r} has {size:,} bytes, fewer than the {offset:,} it had at the "
+                              f"checkpoint: it was cut or replaced since, and the run cannot continue from it")
+        f.truncate(offset)
         os.fsync(f.fileno())
     # a run that wrote TensorBoard events goes on writing them (steps after the checkpoint appear twice)
     result, files = _run(experiment, config, run_dir, name, resumed=(tensors, meta),
