@@ -229,13 +229,17 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "term", "hup"])
+def test_a_stop_signal_writes_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path, signum):
+    """Ctrl-C, SIGTERM (schedulers) and SIGHUP (a closed terminal) alike: a checkpoint at the end of
+    the current update, exit 128 + the signal, the resume command printed; resume is bit for bit."""
     run_dir = tmp_path / "interrupted"
     proc = _start(run_dir)
     step = _wait_for_checkpoint(proc, run_dir, 1000)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err
+    assert f"interrupted by {signal.Signals(signum).name}".encode() in err
     assert b"continue with: implicit-diffusion resume" in err and b"Traceback" not in err
     saved = load_checkpoint(run_dir / "checkpoint.safetensors")[1]["step"]
     assert step <= saved < 8000  # written at the interruption, not only at the last multiple of 500

@@ -75,7 +75,7 @@ def _common_options(r: argparse.ArgumentParser) -> None:
                         "data set: moons, swiss-roll, rings, digits")
     r.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="write a checkpoint every N updates (same as --set checkpoint_every=N; "
-                        "Ctrl-C always writes one)")
+                        "Ctrl-C, SIGTERM or SIGHUP during the loop writes one)")
     r.add_argument("--trust-pickle", action="store_true",
                    help="allow reading pickled files (CIFAR-10 python batches) from a trusted source")
     r.add_argument("--device", metavar="NAME",
@@ -189,7 +189,8 @@ def _list() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``implicit-diffusion`` command; returns the exit code (0, 1: machine fault, 2: bad input,
-    130: interrupted)."""
+    128 + the signal after a stop signal with a checkpoint written: 130 Ctrl-C, 143 SIGTERM,
+    129 SIGHUP; 130: interrupted without one)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
@@ -210,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, RunInterrupted):
             print(f"implicit-diffusion: {e}; continue with: implicit-diffusion resume {e.path.parent}",
                   file=sys.stderr)
-        else:
-            print("implicit-diffusion: interrupted", file=sys.stderr)
+            return 128 + e.signum  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+        print("implicit-diffusion: interrupted", file=sys.stderr)
         return 130
 
 

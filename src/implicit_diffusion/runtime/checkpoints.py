@@ -22,9 +22,10 @@ The file (``RUN_DIR/checkpoint.safetensors``) also records the experiment's name
 config and the length of ``metrics.jsonl`` at the checkpoint, so a resumed run truncates the
 metrics to that point and appends exactly what the uninterrupted run would have written.
 
-Ctrl-C (SIGINT) during :meth:`Checkpoints.catch_interrupts` only sets a flag; the callback
-writes a checkpoint after the current θ update completes and raises :class:`RunInterrupted`
-(a ``KeyboardInterrupt``). A second Ctrl-C interrupts at once.
+Ctrl-C (SIGINT), SIGTERM (what schedulers send) and SIGHUP (a closed terminal) during
+:meth:`Checkpoints.catch_interrupts` only set a flag; the callback writes a checkpoint after the
+current θ update completes and raises :class:`RunInterrupted` (a ``KeyboardInterrupt``, carrying
+the signal: the command exits with 128 + its number). A second signal interrupts at once.
 """
 
 from __future__ import annotations
@@ -106,13 +107,19 @@ def check_checkpoint_every(every: int) -> None:
         raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), got {every}")
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C was pressed; a checkpoint after ``step`` θ updates is at ``path``."""
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"interrupted after {step} updates; checkpoint written to {path}")
+
+class RunInterrupted(KeyboardInterrupt):
+    """A stop signal (``signum``: Ctrl-C's SIGINT by default) arrived; a checkpoint after ``step`` θ
+    updates is at ``path``."""
+
+    def __init__(self, step: int, path: Path, signum: int = signal.SIGINT):
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} after {step} updates; checkpoint written to {path}")
         self.step = step
         self.path = path
+        self.signum = int(signum)
 
 
 class Checkpoints:
@@ -137,7 +144,7 @@ class Checkpoints:
         self.config = config
         self.metrics_position = metrics_position
         self.resumed = resumed
-        self._interrupted = False
+        self._interrupted: int | None = None  # the stop signal received, if any
 
     @property
     def start(self) -> int:
@@ -162,31 +169,33 @@ class Checkpoints:
 
         def checkpoint(k: int, x: Tensor, stats: dict) -> None:
             done = k + 1
-            if self._interrupted or (self.every and done % self.every == 0):
+            if self._interrupted is not None or (self.every and done % self.every == 0):
                 self.save(done, x, state_fn)
-                if self._interrupted:
-                    raise RunInterrupted(done, self.path)
+                if self._interrupted is not None:
+                    raise RunInterrupted(done, self.path, self._interrupted)
 
         return checkpoint
 
     @contextlib.contextmanager
     def catch_interrupts(self) -> Iterator[None]:
-        """Within the block, the first SIGINT asks for a checkpoint at the end of the current update."""
+        """Within the block, the first SIGINT, SIGTERM or SIGHUP asks for a checkpoint at the end of the
+        current update; a second one stops at once."""
         if threading.current_thread() is not threading.main_thread():
             yield  # signal handlers can only be installed from the main thread
             return
 
         def handler(signum, frame) -> None:
-            if self._interrupted:  # second Ctrl-C: stop now
+            if self._interrupted is not None:  # a second signal: stop now
                 raise KeyboardInterrupt
-            self._interrupted = True
+            self._interrupted = signum
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
-            self._interrupted = False
+            for s, h in previous.items():
+                signal.signal(s, h)
+            self._interrupted = None
 
 
 class NoCheckpoints:
