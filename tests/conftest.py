@@ -116,3 +116,28 @@ def assert_single_loop_matches_hand_loop(potential, estimator, sampler, x0: torc
     assert not x.requires_grad and x.grad_fn is None
     change = max(float((p - p0).detach().abs().max()) for p, p0 in zip(potential.parameters(), start.parameters()))
     assert change > min_change
+
+
+def gaussian_data_score(schedule, s: float):
+    """The exact score of N(0, s²) data on a VP schedule, −x/(ᾱ(t)s² + 1 − ᾱ(t)): ``score(x, t)``
+    with x ``(B, 1)`` and t ``(B,)`` or 0-d."""
+    def score(x, t):
+        ab = schedule.alpha_bar(t.to(torch.float64))
+        ab = ab[:, None] if ab.ndim else ab
+        return -x / (ab * s**2 + (1 - ab)).to(x.dtype)
+    return score
+
+
+def gaussian_data_sampler_sd(step, schedule, s: float) -> float:
+    """sd of x_M from x_0 ~ N(0, 1) for a diffusion ``step`` with the exact score of N(0, s²) data:
+    each step is x ↦ a_m x + c_m z (read off the step with unit inputs), so the law is N(0, v_M)
+    with v_{m+1} = a_m² v_m + c_m², exactly."""
+    score = gaussian_data_score(schedule, s)
+    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    v = 1.0
+    with torch.no_grad():
+        for m in range(schedule.num_steps):
+            a = float(step(one, score, m, schedule=schedule, noise=zero))
+            c = float(step(zero, score, m, schedule=schedule, noise=one))
+            v = a * a * v + c * c
+    return math.sqrt(v)

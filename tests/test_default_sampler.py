@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import randn64
+from conftest import gaussian_data_sampler_sd, gaussian_data_score, randn64
 
 from implicit_diffusion.experiments import diffusion_finetune as ft
 from implicit_diffusion.objectives.girsanov import DiscreteMeanKL, GirsanovKL, path_kl_cost, score_kl_weights
@@ -35,25 +35,13 @@ from implicit_diffusion.samplers.diffusion import DIFFUSION_STEPS
 S = 0.1  # data sd
 
 
-def _exact_score(schedule: VPSchedule, s: float = S):
-    def score(x, t):
-        ab = schedule.alpha_bar(t.to(torch.float64))
-        ab = ab[:, None] if ab.ndim else ab
-        return -x / (ab * s**2 + (1 - ab)).to(x.dtype)
-    return score
+def _exact_score(schedule: VPSchedule):
+    return gaussian_data_score(schedule, S)
 
 
 def _exact_law_sd(step, schedule: VPSchedule) -> float:
     """sd of x_M for x_0 ~ N(0, 1) under the exact score: the affine recursion of the steps."""
-    score = _exact_score(schedule)
-    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
-    v = 1.0
-    with torch.no_grad():
-        for m in range(schedule.num_steps):
-            a = float(step(one, score, m, schedule=schedule, noise=zero))
-            c = float(step(zero, score, m, schedule=schedule, noise=one))
-            v = a * a * v + c * c
-    return math.sqrt(v)
+    return gaussian_data_sampler_sd(step, schedule, S)
 
 
 def _target_sd(schedule: VPSchedule) -> float:

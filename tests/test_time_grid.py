@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import gaussian_data_sampler_sd, gaussian_data_score
 
 from implicit_diffusion.errors import ConfigError
 from implicit_diffusion.experiments import diffusion_finetune as ft
@@ -22,23 +23,12 @@ S = 0.1  # data sd
 
 
 def _exact_score(schedule: VPSchedule):
-    def score(x, t):
-        ab = schedule.alpha_bar(t.to(torch.float64))[:, None].to(x.dtype)
-        return -x / (ab * S**2 + (1 - ab))
-    return score
+    return gaussian_data_score(schedule, S)
 
 
 def _exact_em_sd(schedule: VPSchedule) -> float:
     """sd of x_M for x_0 ~ N(0, 1): the affine recursion of the steps, exactly."""
-    score = _exact_score(schedule)
-    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
-    v = 1.0
-    with torch.no_grad():
-        for m in range(schedule.num_steps):
-            a = float(euler_maruyama_step(one, score, m, schedule=schedule, noise=zero))
-            c = float(euler_maruyama_step(zero, score, m, schedule=schedule, noise=one))
-            v = a * a * v + c * c
-    return math.sqrt(v)
+    return gaussian_data_sampler_sd(euler_maruyama_step, schedule, S)
 
 
 def test_the_grid_formula_and_its_end_points():

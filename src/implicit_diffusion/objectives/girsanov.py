@@ -111,14 +111,13 @@ class GirsanovKL:
         self.to_score = to_score
         beta = getattr(times, "beta", None) if beta is None else beta
         self.times = _decreasing_times(times)
-        t = self.times.tolist()
-        rate = [2.0] * (len(t) - 1) if beta is None else _rates(beta, self.times[:-1])
-        # ½β(t_m)·h_m: Girsanov's ½‖Δμ‖²/g² with Δμ = βΔs and g² = β (= h_m when β ≡ 2)
-        self.step_weights = [0.5 * rate[m] * (t[m] - t[m + 1]) for m in range(len(t) - 1)]
+        M = self.times.numel() - 1
+        rate = [2.0] * M if beta is None else _rates(beta, self.times[:-1])
+        self.step_weights = _girsanov_weights(self.times, rate)
         if step_weights is not None:
             given = [float(w) for w in step_weights]
-            if len(given) != len(t) - 1 or any(not 0 <= w < float("inf") for w in given):
-                raise ValueError(f"step_weights must be {len(t) - 1} finite numbers >= 0 (one per step), "
+            if len(given) != M or any(not 0 <= w < float("inf") for w in given):
+                raise ValueError(f"step_weights must be {M} finite numbers >= 0 (one per step), "
                                  f"got {step_weights!r}")
             self.step_weights = given
         self._weights = torch.tensor(self.step_weights, dtype=torch.float64)
@@ -222,9 +221,15 @@ class DiscreteMeanKL:
         return out[0] if isinstance(out, tuple) else out
 
 
+def _girsanov_weights(times: Tensor, rate: Sequence[float]) -> list[float]:
+    """½β(t_m)·h_m: Girsanov's ½‖Δμ‖²/g² with Δμ = βΔs and g² = β (= h_m when β ≡ 2)."""
+    t = times.tolist()
+    return [0.5 * rate[m] * (t[m] - t[m + 1]) for m in range(len(t) - 1)]
+
+
 def _euler_maruyama_weights(schedule) -> list[float]:
-    t = schedule.times.to(torch.float64)
-    return (0.5 * schedule.beta(t[:-1]) * (t[:-1] - t[1:])).tolist()
+    times = _decreasing_times(schedule)
+    return _girsanov_weights(times, _rates(schedule.beta, times[:-1]))
 
 
 def _ddpm_weights(schedule) -> list[float]:
