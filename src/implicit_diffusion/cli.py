@@ -98,6 +98,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         name, experiment = args.experiment, EXPERIMENTS[args.experiment]
         sources = [] if args.preset is None else [_preset(name, experiment, args.preset)]
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out must name a directory, got an empty string (omit it for runs/NAME-TIMESTAMP)")
     if args.config:
         sources.append(load_config_file(args.config))
     sources.append(parse_overrides(args.overrides))
@@ -116,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         if sharded and args.out is None:
             raise ConfigError("under torchrun, name the output directory with --out DIR (the same for all processes)")
         run_dir = args.out or default_run_dir(name)
+        args.run_dir_used = run_dir  # where a crash's traceback goes
         start = time.perf_counter()
         result, files = execute(experiment, config, run_dir, name=name, tensorboard=args.tensorboard)
         if distributed.is_main():
@@ -156,6 +159,9 @@ def _resume(args: argparse.Namespace) -> int:
 def _report_command(args: argparse.Namespace) -> int:
     from .runtime.report import write_report
 
+    if args.out is not None and not args.out.strip():
+        print("implicit-diffusion: error: --out must name a directory, got an empty string", file=sys.stderr)
+        return 2
     if args.out is None and len(args.run_dirs) > 1:
         print("implicit-diffusion: error: comparing several runs needs --out DIR", file=sys.stderr)
         return 2
@@ -188,9 +194,11 @@ def _list() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``implicit-diffusion`` command; returns the exit code (0, 1: machine fault, 2: bad input,
-    128 + the signal after a stop signal with a checkpoint written: 130 Ctrl-C, 143 SIGTERM,
-    129 SIGHUP; 130: interrupted without one)."""
+    """The ``implicit-diffusion`` command; returns the exit code (0; 2: bad input, one line; 1: a fault
+    of the machine (full disk, permissions), one line, or an unexpected error, one line naming the
+    file its traceback was written to (the run directory, else the temporary directory); 128 + the
+    signal after a stop signal with a checkpoint written: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP; 130:
+    interrupted without one). No traceback reaches the terminal."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             return _report_command(args)
         return _resume(args) if args.command == "resume" else _run(args)
     except ImplicitDiffusionError as e:
-        print(f"implicit-diffusion: error: {e}", file=sys.stderr)
+        print(f"implicit-diffusion: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine's fault (full disk, permissions): one line, no traceback
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
@@ -214,6 +222,46 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + e.signum  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
         print("implicit-diffusion: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or a fault nobody foresaw: one line here, the traceback in a file
+        path = _write_traceback(e, _traceback_dir(args))
+        print(f"implicit-diffusion: internal error: {type(e).__name__}: {_one_line(e)}; the full traceback "
+              f"is in {path} (please include it in a bug report)", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException, limit: int = 500) -> str:
+    """The exception's message on one line, at most ``limit`` characters."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def _traceback_dir(args: argparse.Namespace):
+    """Where an unexpected error's traceback goes: the run directory when there is one, else the
+    system's temporary directory."""
+    import tempfile
+    from pathlib import Path
+
+    run_dir = getattr(args, "run_dir_used", None) or getattr(args, "run_dir", None)
+    if run_dir and Path(run_dir).is_dir():
+        return Path(run_dir)
+    return Path(tempfile.gettempdir())
+
+
+def _write_traceback(e: BaseException, where) -> str:
+    """Write ``e``'s traceback to ``where/traceback[-rankR]-TIMESTAMP-PID.txt``; returns the path (or a
+    note when even that cannot be written)."""
+    import os
+    import traceback
+
+    from . import distributed
+
+    rank = f"-rank{distributed.rank()}" if distributed.active() else ""
+    path = where / f"traceback{rank}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        path.write_text("".join(traceback.format_exception(e)), encoding="utf-8")
+    except OSError as write_error:
+        return f"(nowhere: writing {path} failed: {write_error.strerror or write_error})"
+    return str(path)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -95,6 +95,9 @@ def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: 
     not split their work (no ``SUPPORTS_SHARDING = True``) are refused, on every process."""
     if not getattr(experiment, "SUPPORTS_SHARDING", False):
         raise ConfigError(f"experiment {name!r} does not shard its work over processes; run it without torchrun")
+    if getattr(config, "checkpoint_every", 0):  # checked on every process alike, before any collective call
+        raise ConfigError(f"config key 'checkpoint_every' must be 0 under torchrun (sharded runs write no "
+                          f"checkpoints yet), got {config.checkpoint_every}; run on one process to checkpoint")
     error, lock = None, contextlib.ExitStack()
     if distributed.is_main():  # rank 0 writes, so it holds the directory's lock
         try:
