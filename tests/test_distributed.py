@@ -90,6 +90,73 @@ def test_two_processes_give_the_gamma_of_one_process_holding_all_particles(tmp_p
     assert (torch.tensor(got["wrong"], dtype=torch.float64) - expected).abs().max() > 1e-6
 
 
+CONTRASTIVE_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch, torch.distributed as dist
+    from implicit_diffusion.algorithms.base import apply_surrogate
+    from implicit_diffusion.distributed import init_from_env, rank, world_size
+    from implicit_diffusion.models import EnergyMLP, hexagon_mixture
+    from implicit_diffusion.objectives import ContrastiveKL
+
+    assert init_from_env() and world_size() == 2
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(301, 2, generator=g, dtype=torch.float64) * 2       # particles, sharded 151 / 150
+    ref = torch.randn(37, 2, generator=g, dtype=torch.float64) + 1.0    # reference, on every process
+    mine = x.tensor_split(2)[rank()]
+    out = {}
+    mlp = EnergyMLP(2, hidden=8, depth=2).double().reset_parameters(torch.Generator().manual_seed(5))
+    for name, V in (("mixture", hexagon_mixture((0.5, -0.3, 1.0, 0.2, 0.0, -1.0), dtype=torch.float64)),
+                    ("mlp", mlp)):
+        est = ContrastiveKL(ref, weight=0.7)
+        surrogate = est(V, mine)
+        with torch.no_grad():
+            value = surrogate.loss(V).reshape(1)
+        dist.all_reduce(value)  # the objective's surrogate value: the sum of the processes' shares
+        apply_surrogate(V, surrogate, torch.optim.SGD(V.parameters(), lr=0.0))  # Γ, all-reduced
+        out[name] = {"value": float(value), "grad": torch.cat([p.grad.flatten() for p in V.parameters()]).tolist()}
+    if rank() == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(out, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown, where gloo's threads can abort a finished process
+""")
+
+
+def test_contrastive_kl_sharded_over_two_processes_equals_one_process(tmp_path):
+    """ContrastiveKL with 301 particles split 151 / 150 over 2 processes (each holds the whole
+    reference): the all-reduced surrogate value β[mean_ref V − mean_x V] and its θ-gradient Γ_ref
+    (closed-form mixture gradient and an autograd EnergyMLP) equal one process holding all
+    particles, to float64 rounding (1e-10 relative). The reference weight must split over the
+    processes and the particle count must be global: either mistake doubles one of the two
+    terms, far outside the tolerance."""
+    from implicit_diffusion.models import EnergyMLP, hexagon_mixture
+    from implicit_diffusion.objectives import ContrastiveKL
+
+    (tmp_path / "contrastive.py").write_text(CONTRASTIVE_SCRIPT)
+    proc = torchrun(["contrastive.py", str(tmp_path / "out.json")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(301, 2, generator=g, dtype=torch.float64) * 2
+    ref = torch.randn(37, 2, generator=g, dtype=torch.float64) + 1.0
+    mlp = EnergyMLP(2, hidden=8, depth=2).double().reset_parameters(torch.Generator().manual_seed(5))
+    for name, V in (("mixture", hexagon_mixture((0.5, -0.3, 1.0, 0.2, 0.0, -1.0), dtype=torch.float64)),
+                    ("mlp", mlp)):
+        s = ContrastiveKL(ref, weight=0.7)(V, x)
+        with torch.no_grad():
+            value = s.loss(V)
+            direct = 0.7 * (V(ref).mean() - V(x).mean())  # the surrogate's value, written out
+        torch.testing.assert_close(value, direct, rtol=1e-12, atol=1e-14)
+        s.backward(V)
+        grad = torch.cat([p.grad.flatten() for p in V.parameters()])
+        assert grad.abs().max() > 1e-3  # a non-trivial gradient: the comparison is not vacuous
+        torch.testing.assert_close(torch.tensor(got[name]["value"], dtype=torch.float64), value, rtol=1e-10,
+                                   atol=1e-12)
+        torch.testing.assert_close(torch.tensor(got[name]["grad"], dtype=torch.float64), grad, rtol=1e-10,
+                                   atol=1e-12)
+
+
 ARGS = ["run", "langevin-mixture", "--set", "num_particles=400", "--set", "num_steps=150", "--set", "eval_every=50",
         "--set", "snapshot_steps=[0, 150]", "--set", "dtype=float64", "--no-progress"]
 

@@ -138,6 +138,30 @@ def test_mala_stationary_mean(generator):
     assert mean_within(x_mala, MU, math.sqrt(VAR)), f"MALA mean {float(x_mala.mean()):.4f}, target {MU}"
 
 
+def mala_step_flipped_drift(x, potential, *, step_size, generator):
+    """A wrong MALA (negative control): the proposal's drift with the wrong sign,
+    y = x + γ∇V(x) + √(2γ)z, the MH ratio left as MALA's (log q(y|x) = −‖z‖²/2,
+    log q(x|y) = −‖x − y + γ∇V(y)‖²/(4γ)), so it no longer targets π."""
+    z = randn64(generator, *x.shape)
+    u = torch.rand(x.shape[:1], generator=generator, dtype=x.dtype)
+    y = x + step_size * energy_grad(potential, x) + math.sqrt(2 * step_size) * z
+    log_q_bwd = -((x - y + step_size * energy_grad(potential, y)) ** 2).sum(-1) / (4 * step_size)
+    log_ratio = potential(x) - potential(y) + log_q_bwd + 0.5 * (z**2).sum(-1)
+    return torch.where((torch.log(u) <= log_ratio).unsqueeze(-1), y, x), None
+
+
+def test_mala_stationary_mean_check_fails_for_a_wrong_mala(generator):
+    """Negative control of test_mala_stationary_mean: the same mean_within check (n = 20,000,
+    tolerance 0.032) on the flipped-drift MALA above must fail (its final states have mean
+    2.82–2.86 and variance ≈ 7.2 over seeds 0–4, not μ = 1.5, σ² = 0.8). On this symmetric
+    Gaussian target a wrong variant that keeps the symmetry about μ (ULA, a flipped
+    Hastings-correction sign, noise √γ) keeps the mean, and is caught by the variance check
+    instead (test_mala_stationary_law_exact_where_ula_is_biased)."""
+    x_wrong = final_states(mala_step_flipped_drift, generator)
+    assert torch.isfinite(x_wrong).all()
+    assert not mean_within(x_wrong, MU, math.sqrt(VAR)), f"wrong MALA mean {float(x_wrong.mean()):.4f} passes"
+
+
 def test_acceptance_rate_tiny_vs_large_step(generator):
     """At stationarity on N(0, 1) in 2-D: a tiny step accepts almost everything (rejection is
     O(γ^{3/2})); a step near ULA's stability limit accepts visibly less, but not nothing."""

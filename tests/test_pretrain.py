@@ -48,3 +48,31 @@ def test_bad_arguments():
         pretrain_score_model(model, torch.zeros(8, 2), sched, num_steps=1, generator=g, ema_decay=1.0)
     with pytest.raises(ValueError, match="data must have shape"):
         pretrain_score_model(model, torch.zeros(8), sched, num_steps=1, generator=g)
+
+
+def test_ema_is_the_exponential_average_of_the_weights_after_each_step():
+    """θ̄ ← d·θ̄ + (1 − d)·θ_{k+1} after step k (the docstring), θ_{k+1} the weights *after* the
+    Adam step; AveragedModel's first update copies θ₁ (torch's convention, W₀^EMA = W₀^model).
+    Weights recorded after each of 6 steps (float64, d = 0.7) and averaged by hand must equal the
+    trainer's EMA to 1e-12: a reversed decay (0.3) or an EMA update before the optimizer step
+    (averaging θ_k instead of θ_{k+1}) moves it by ≫ 1e-6 (the check below that the weights moved)."""
+    from implicit_diffusion.training import DSMTrainer
+
+    sched, d = VPSchedule("ou", num_steps=4), 0.7
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    model = ScoreMLP(2, hidden=8, depth=1, time_dim=4).double()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    trainer = DSMTrainer(model, data, sched, num_steps=6, generator=g, batch_size=16, lr=0.05, ema_decay=d)
+    after = []
+    info = trainer.run(callbacks=[lambda k, loss: after.append([p.detach().clone() for p in model.parameters()])])
+    assert len(after) == 6
+    # the weights move by far more than the tolerance at every step, so the order of averaging matters
+    for prev, cur in zip([w0, *after], after):
+        assert max(float((a - b).abs().max()) for a, b in zip(prev, cur)) > 1e-3
+    expected = after[0]
+    for w in after[1:]:
+        expected = [d * e + (1 - d) * x for e, x in zip(expected, w)]
+    for got, want in zip(info.ema_model.module.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-14)
+    assert int(info.ema_model.n_averaged) == 6

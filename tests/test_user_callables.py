@@ -134,6 +134,32 @@ def test_mala_accepts_an_infinite_energy_at_a_proposal_and_rejects_it():
     assert (x[:, 0] > 0).all()
 
 
+def test_mala_rejects_an_infinite_energy_proposal_even_with_uniform_zero():
+    """u = 0 exactly (log u = −inf) must not accept a proposal with α = 0 (+inf energy), for u
+    passed as an argument and for u drawn from a generator whose torch.rand returns 0; the
+    finite-energy proposals beside it are accepted (u = 0 ≤ α > 0)."""
+    from unittest import mock
+
+    from implicit_diffusion.samplers import mala_step
+
+    V = FunctionPotential(lambda x, th: torch.where(x[:, 0] > 0, (x**2).sum(-1) / 2, torch.inf),
+                          torch.zeros(1, dtype=torch.float64))
+    x = torch.full((4, 2), 0.5, dtype=torch.float64)
+    # y = x − γx + √(2γ)z = 0.7·0.5 + √0.6·z: z₀ = −2 lands at x₀ < 0 (+inf energy), z₀ = +1 inside
+    z = torch.tensor([[-2.0, 0.0], [1.0, 0.0], [-2.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    inside = (0.35 + 0.6**0.5 * z[:, 0]) > 0
+    assert inside.tolist() == [False, True, False, True]
+    y = 0.7 * x + 0.6**0.5 * z
+    expected = torch.where(inside[:, None], y, x)
+    x1, info = mala_step(x, V, step_size=0.3, noise=z, uniform=torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(x1, expected, rtol=1e-12, atol=0)
+    assert torch.isfinite(V(x1)).all()
+    with mock.patch("torch.rand", lambda *a, **kw: torch.zeros(*a[:1], dtype=kw["dtype"])), \
+         mock.patch("implicit_diffusion.samplers.mala.draw_noise", lambda x, noise, g: z):
+        x2, _ = mala_step(x, V, step_size=0.3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x2, expected, rtol=1e-12, atol=0)
+
+
 def test_a_tensor_on_another_device_is_named():
     """The 'meta' device stands in for a GPU on a CPU-only machine."""
     with pytest.raises(ValueError, match=r"reward_fn <lambda> returned a tensor on meta, particles are on cpu"):

@@ -32,13 +32,13 @@ def mala_step(
 
         y = x − γ ∇V(x) + √(2γ) z,   q(y | x) = N(y; x − γ∇V(x), 2γI),
 
-    accepted per particle when u ≤ α, u ~ U[0, 1), with
+    accepted per particle when u ≤ α and α > 0, u ~ U[0, 1), with
 
         log α = min(0, −V(y) + V(x) + log q(x | y) − log q(y | x)),
         log q(y | x) = −‖y − x + γ∇V(x)‖² / (4γ) + const;
 
     x_next = where(accept, y, x). All in log space, so large energy gaps cannot overflow; a
-    proposal with a non-finite energy is rejected.
+    proposal with a non-finite energy (α = 0 or NaN) is rejected, whatever u, u = 0 included.
 
     Randomness: ``noise`` (z, shape ``(num_particles, dim)``) and ``uniform`` (u, shape
     ``(num_particles,)``) when given, else drawn from ``generator`` (z first, then u). A step
@@ -85,8 +85,10 @@ def mala_step(
     log_q_fwd = -0.5 * (z**2).sum(-1)
     log_q_bwd = -((x - y + step_size * g_y) ** 2).sum(-1) / (4.0 * step_size)
     log_ratio = (v_x - v_y + log_q_bwd - log_q_fwd).detach()  # the MH decision is not differentiated
-    # NaN (non-finite energies) compares False, so such proposals are rejected.
-    accept = torch.log(uniform.to(x.dtype)) <= log_ratio
+    # NaN (non-finite energies) compares False, so such proposals are rejected. α = 0 (log α = −inf:
+    # a +inf energy at the proposal, a hard constraint) is never accepted, not even with u = 0,
+    # where log u = −inf ≤ −inf would otherwise hold.
+    accept = (torch.log(uniform.to(x.dtype)) <= log_ratio) & (log_ratio > -math.inf)
     x_next = torch.where(accept.unsqueeze(-1), y, x)
     alpha = torch.nan_to_num(log_ratio.clamp(max=0.0).exp(), nan=0.0)
     return x_next, LangevinInfo(acceptance_rate=alpha.mean())
