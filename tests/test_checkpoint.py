@@ -93,7 +93,7 @@ def test_bad_checkpoint_files_are_one_line_errors(tmp_path):
     older = tmp_path / "older.safetensors"  # before the run state was saved by part
     save_file({"x": torch.zeros(2)}, str(older),
               metadata={"format": "implicit-diffusion/checkpoint", "version": "1", "meta": "{}"})
-    with pytest.raises(DataError, match="has version '1'; this release reads version 2"):
+    with pytest.raises(DataError, match="has version '1'; this release reads version 3"):
         load_checkpoint(older)
 
 

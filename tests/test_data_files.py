@@ -177,10 +177,10 @@ def test_npz_bad_contents(tmp_path, arrays, message):
 
 def test_npz_not_a_zip(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip file")
-    with pytest.raises(DataError, match="junk.npz: not a readable NumPy file"):
+    with pytest.raises(DataError, match=r"junk.npz is not a .npz \(zip\) archive"):
         load_image_data(tmp_path / "junk.npz")
-    (tmp_path / "text.npz").write_text("hello")  # numpy takes unknown bytes for a pickle
-    with pytest.raises(DataError, match="text.npz: the file holds pickled Python objects, refused"):
+    (tmp_path / "text.npz").write_text("hello")  # numpy would take unknown bytes for a pickle: not said here
+    with pytest.raises(DataError, match=r"text.npz is not a .npz \(zip\) archive"):
         load_image_data(tmp_path / "text.npz")
 
 

@@ -226,6 +226,8 @@ def _fresh_generator_state(tensors: dict) -> dict:
 
 def _empty_queue(tensors: dict, meta: dict) -> tuple[dict, dict]:
     algo = meta["state"]["run"]["algo"]
+    # the queue's tensors go too: a record without flights but with their tensors is refused (DataError)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(("run.algo.flight.", "run.algo.adjoint."))}
     return tensors, {**meta, "state": {**meta["state"], "run": {
         **meta["state"]["run"], "algo": {**algo, "flights": [], "adjoint_steps": []}}}}
 

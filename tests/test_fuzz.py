@@ -11,6 +11,7 @@ import io
 import json
 import keyword
 import typing
+from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import pytest
@@ -212,3 +213,173 @@ def test_damaged_checkpoints_load_or_raise_data_error(tmp_path, data):
         assert str(damaged) in str(e) and "\n" not in str(e)
     else:  # a flip inside tensor data is not detectable (no checksum): the file still parses
         assert isinstance(meta, dict) and set(tensors) <= {"x", "g"}
+
+
+_CHECKPOINT_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 60) | st.floats(-10, 10, allow_nan=False) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=5)
+_DTYPES = [torch.float32, torch.float64, torch.int64, torch.uint8, torch.bfloat16, torch.bool]
+
+
+@pytest.fixture(scope="module")
+def crashed_run(tmp_path_factory):
+    """A langevin-mixture run (Adam, inverse-sqrt schedule) crashed at update 15; its checkpoint is at 10."""
+    from implicit_diffusion.experiments import langevin_mixture
+    from implicit_diffusion.runtime import recording
+    from implicit_diffusion.runtime.runner import execute
+
+    run_dir = tmp_path_factory.mktemp("fuzz-resume") / "run"
+    cfg = langevin_mixture.Config(num_particles=8, num_steps=20, eval_every=5, snapshot_steps=(0,), progress=False,
+                                  checkpoint_every=10, optimizer="adam", lr_schedule="inverse-sqrt")
+    original = recording.EvalRecorder.record
+
+    def crash(self, done, x):
+        if done == 15:
+            raise RuntimeError("simulated crash")
+        return original(self, done, x)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(recording.EvalRecorder, "record", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            execute(langevin_mixture, cfg, run_dir, name="langevin-mixture")
+    return run_dir
+
+
+def _fuzz_meta(meta, data) -> None:
+    """Replace (or delete) one value somewhere in the checkpoint's record."""
+    node, key = meta, None
+    while True:
+        keys = list(range(len(node))) if isinstance(node, list) else sorted(node, key=str)
+        if not keys:
+            break
+        key = data.draw(st.sampled_from(keys))
+        child = node[key]
+        if not isinstance(child, (dict, list)) or not child or data.draw(st.booleans()):
+            break
+        node = child
+    if key is None:
+        return
+    if isinstance(node, dict) and data.draw(st.booleans()):
+        del node[key]
+    else:
+        node[key] = data.draw(_CHECKPOINT_JSON)
+
+
+def _fuzz_tensor(tensors: dict, data) -> None:
+    """Drop, add, reshape or retype one tensor (valid safetensors framing all the same)."""
+    how = data.draw(st.sampled_from(["drop", "add", "shape", "reshape", "dtype"]))
+    name = data.draw(st.sampled_from(sorted(tensors)))
+    if how == "drop":
+        del tensors[name]
+    elif how == "add":
+        tensors[data.draw(st.sampled_from([name + ".x", "extra", "optimizer.0.max_exp_avg_sq", "sampler.dual"]))] = \
+            torch.zeros(data.draw(st.integers(0, 6)))
+    elif how == "shape":
+        shape = data.draw(st.lists(st.integers(0, 6), max_size=3))
+        tensors[name] = torch.zeros(shape, dtype=data.draw(st.sampled_from(_DTYPES)))
+    elif how == "reshape":  # the same numbers in another shape
+        tensors[name] = tensors[name].reshape(-1) if tensors[name].ndim != 1 else tensors[name].unsqueeze(0)
+    else:
+        tensors[name] = tensors[name].to(data.draw(st.sampled_from(_DTYPES)))
+
+
+@FUZZ
+@given(st.data())
+def test_checkpoints_with_fuzzed_records_and_tensors_resume_or_raise_data_error(tmp_path, crashed_run, data):
+    """Valid framing (format and version right) around a fuzzed record (values replaced or deleted
+    anywhere, or the JSON text itself garbled) and fuzzed tensors (dropped, added, of other shapes or
+    dtypes): ``resume`` finishes the run, or raises a one-line DataError / RunDirError, never another
+    exception."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from implicit_diffusion.errors import RunDirError
+    from implicit_diffusion.runtime.checkpoints import CHECKPOINT_FILE, CHECKPOINT_FORMAT
+    from implicit_diffusion.runtime.runner import resume
+
+    run_dir = Path(tempfile.mkdtemp(dir=tmp_path)) / "run"
+    shutil.copytree(crashed_run, run_dir)
+    path = run_dir / CHECKPOINT_FILE
+    tensors, meta = load_checkpoint(path)
+    for _ in range(data.draw(st.integers(1, 3))):
+        part = data.draw(st.sampled_from(["meta", "meta", "tensor", "json-text"]))
+        if part == "meta":
+            _fuzz_meta(meta, data)
+        elif part == "tensor" and tensors:
+            _fuzz_tensor(tensors, data)
+    text = json.dumps(meta)
+    if data.draw(st.integers(0, 4)) == 0:  # the JSON text itself: cut, or replaced
+        text = data.draw(st.sampled_from([text[: data.draw(st.integers(0, len(text)))], data.draw(st.text())]))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": CHECKPOINT_FORMAT, "version": "3", "meta": text})
+    try:
+        resume(run_dir, EXPERIMENTS)
+    except (DataError, RunDirError) as e:
+        assert "\n" not in str(e), str(e)
+
+
+# --- model files ------------------------------------------------------------------------------
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                       max_size=3),
+                           max_leaves=6)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.data())
+def test_model_files_with_fuzzed_metadata_load_or_raise_data_error(tmp_path, data):
+    """Valid safetensors framing around fuzzed metadata (the architecture JSON, its keys and values, the
+    class, schedule and extra) and tensors (dropped, renamed, reshaped, retyped): the file loads, or
+    the error is a one-line DataError naming it; never another exception, never a huge allocation."""
+    from safetensors.torch import save_file
+
+    from implicit_diffusion.models import ScoreMLP, UNet
+    from implicit_diffusion.models.io import FORMAT, load_score_model
+
+    model = data.draw(st.sampled_from([ScoreMLP(2, hidden=4, depth=1, time_dim=4),
+                                       UNet(1, 4, (1, 2), groups=2, time_dim=4)]))
+    config, state = dict(model.config), dict(model.state_dict())
+    meta = {"format": FORMAT, "version": "1", "class": type(model).__name__, "schedule": '{"kind": "linear"}',
+            "extra": '{"data_shape": [2]}' if isinstance(model, ScoreMLP) else '{"data_shape": [1, 8, 8]}'}
+    for _ in range(data.draw(st.integers(1, 3))):
+        how = data.draw(st.sampled_from(["value", "size", "drop-key", "class", "text", "json", "tensor"]))
+        if how in ("value", "size", "drop-key") and not isinstance(config, dict):
+            continue  # already replaced by text or another JSON value
+        if how in ("value", "size"):  # one key of the architecture, any JSON value or a well-typed extreme
+            key = data.draw(st.sampled_from([*config, "bogus"]))
+            config[key] = data.draw(json_values if how == "value" else st.integers(-2, 2**40))
+        elif how == "drop-key" and config:
+            config.pop(data.draw(st.sampled_from(sorted(config))))
+        elif how == "class":
+            meta["class"] = data.draw(st.sampled_from(["ScoreMLP", "UNet"]) | st.text(max_size=8))
+        elif how in ("text", "json"):  # a whole metadata entry replaced
+            key = data.draw(st.sampled_from(["config", "schedule", "extra"]))
+            value = data.draw(st.text(max_size=30)) if how == "text" else json.dumps(data.draw(json_values))
+            if key == "config":
+                config = value
+            else:
+                meta[key] = value
+        else:  # a tensor dropped, renamed or of another shape / dtype
+            name = data.draw(st.sampled_from(sorted(state)))
+            tensor = state.pop(name)
+            change = data.draw(st.sampled_from(["drop", "rename", "reshape", "dtype"]))
+            if change == "rename":
+                state[name + "_"] = tensor
+            elif change == "reshape":
+                state[name] = torch.zeros(data.draw(st.lists(st.integers(0, 6), max_size=3)))
+            elif change == "dtype":
+                state[name] = tensor.to(data.draw(st.sampled_from([torch.int64, torch.bool, torch.float16])))
+    meta["config"] = config if isinstance(config, str) else json.dumps(config)
+    path = tmp_path / "fuzzed.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=meta)
+    try:
+        loaded = load_score_model(path)
+    except DataError as e:
+        assert str(path) in str(e) and "\n" not in str(e), str(e)
+    else:
+        assert type(loaded.model).__name__ == meta["class"] and not loaded.model.training

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -73,7 +74,28 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Tensor],
     from safetensors.torch import save_file
 
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _write_atomically(path, lambda tmp: save_file(cpu, tmp, metadata=dict(metadata or {})))
+    _write_atomically(path, lambda tmp: _save_file(save_file, cpu, tmp, metadata=dict(metadata or {}), target=path))
+
+
+# safetensors reports a failed write as SafetensorError("Error while serializing: I/O error: No space left on
+# device (os error 28) at path ..."): the errno is only in the text
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _save_file(save_file: Callable, tensors: dict[str, Tensor], tmp: str, *, metadata: dict[str, str],
+               target: str | Path) -> None:
+    """``save_file(tensors, tmp)``; an I/O failure inside safetensors becomes the :class:`OSError` it was
+    (errno, strerror, and ``target`` as the file name), so a full disk is the usual one-line OS error."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+    except SafetensorError as e:
+        found = _OS_ERROR.search(str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), os.fspath(target)) from e
 
 
 class CrossDeviceResume(UserWarning):

@@ -14,6 +14,10 @@ Formats, recognised from the path:
 - **An image folder**: ``.png``/``.jpg``/``.jpeg``/``.bmp``/``.gif`` files found recursively, in
   sorted path order, read with Pillow: grayscale (C=1) if every image is mode ``L``, else RGB.
 
+Headers are read first and what they claim (an IDX header's n×H×W, a ``.npy`` header's shape and
+dtype, a zip directory's sizes, an image's pixel count against Pillow's ``MAX_IMAGE_PIXELS``) is
+checked against the file before anything of that size is allocated.
+
 Pixel scaling: integer pixels must lie in 0..255 and map by ``v/127.5 − 1`` (255 ↦ 1, 0 ↦ −1);
 float arrays are taken as [0, 1] if their maximum is ≤ 1, else as [0, 255]. Every failure
 (absent path, unknown format, malformed or refused file) raises
@@ -23,6 +27,7 @@ float arrays are taken as [0, 1] if their maximum is ≤ 1, else as [0, 255]. Ev
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import re
@@ -115,69 +120,165 @@ def _find_cifar(directory: Path) -> Path | None:
 
 
 def _read_idx(file: Path, limit: int | None) -> np.ndarray:
-    """An IDX uint8 3-D images file → uint8 ``(n, 1, H, W)``."""
+    """An IDX uint8 3-D images file → uint8 ``(n, 1, H, W)``.
+
+    The 16-byte header is read first and its claim (n·H·W pixel bytes) compared with the file's size
+    (``.gz``: with what the stream decompresses to, read in chunks and never past the claim), so a
+    header claiming terabytes is refused before anything that large is allocated."""
+    gz = file.name.endswith(".gz")
     try:
-        raw = gzip.decompress(file.read_bytes()) if file.name.endswith(".gz") else file.read_bytes()
+        with (gzip.open(file, "rb") if gz else open(file, "rb")) as fh:
+            header = fh.read(16)
+            if len(header) < 16:
+                raise DataError(
+                    f"{file}: truncated IDX file ({len(header)} bytes, shorter than its 16-byte header)")
+            (magic,) = struct.unpack(">I", header[:4])
+            if magic != _IDX_IMAGES_MAGIC:
+                raise DataError(
+                    f"{file}: bad IDX magic number 0x{magic:08x}; expected 0x{_IDX_IMAGES_MAGIC:08x} "
+                    "(uint8 3-D images, as in train-images-idx3-ubyte)"
+                )
+            n, h, w = struct.unpack(">III", header[4:16])
+            expected = n * h * w
+            if gz:  # chunks: a claim of 2**96 bytes is never allocated, a gzip bomb stops at the claim + 1 MiB
+                chunks, got = [], 0
+                while got <= expected and (chunk := fh.read(1 << 20)):
+                    chunks.append(chunk)
+                    got += len(chunk)
+                raw = b"".join(chunks)
+            else:
+                got = file.stat().st_size - 16
+                raw = fh.read(expected) if got == expected else b""
+    except DataError:
+        raise
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{file}: cannot read the IDX file ({e})") from e
-    if len(raw) < 16:
-        raise DataError(f"{file}: truncated IDX file ({len(raw)} bytes, shorter than its 16-byte header)")
-    (magic,) = struct.unpack(">I", raw[:4])
-    if magic != _IDX_IMAGES_MAGIC:
-        raise DataError(
-            f"{file}: bad IDX magic number 0x{magic:08x}; expected 0x{_IDX_IMAGES_MAGIC:08x} "
-            "(uint8 3-D images, as in train-images-idx3-ubyte)"
-        )
-    n, h, w = struct.unpack(">III", raw[4:16])
-    expected, got = n * h * w, len(raw) - 16
     if got != expected:
         what = "truncated" if got < expected else "oversized"
+        more = "at least " if gz and got > expected else ""
         raise DataError(
-            f"{file}: {what} IDX file: header says {n}×{h}×{w} = {expected} pixel bytes, file holds {got}"
+            f"{file}: {what} IDX file: header says {n}×{h}×{w} = {expected} pixel bytes"
+            f"{f' ({_nbytes(expected)})' if expected >= 1 << 20 else ''}, file holds {more}{got}"
         )
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, h, w)[:limit]
+    return np.frombuffer(raw, np.uint8).reshape(n, 1, h, w)[:limit]
 
 
 def _read_numpy(file: Path, limit: int | None) -> np.ndarray:
-    """A ``.npz``/``.npy`` file → its image array in ``(n, C, H, W)`` layout (dtype unchanged)."""
-    key = None
+    """A ``.npz``/``.npy`` file → its image array in ``(n, C, H, W)`` layout (dtype unchanged).
+
+    The ``.npy`` header (of the file, or of the ``.npz`` member) is read first: its dtype, its shape
+    and the bytes they claim are checked against the file (or member) before the data are read, so a
+    200-byte file claiming terabytes is a one-line :class:`DataError`, not a failed allocation."""
+    if file.suffix.lower() == ".npy":
+        try:
+            with open(file, "rb") as fh:
+                return _read_npy(fh, file.stat().st_size, file, f"{file}", "the file", limit)
+        except OSError as e:
+            raise DataError(f"{file}: cannot read the file ({e})") from e
+    if not zipfile.is_zipfile(file):
+        raise DataError(f"{file} is not a .npz (zip) archive; expected a file written by np.savez")
     try:
-        # our own handle: np.load leaks the one it opens when the zip is malformed
-        with open(file, "rb") as fh:
-            loaded = np.load(fh, allow_pickle=False)
-            if isinstance(loaded, np.ndarray):
-                arr = loaded
-            else:
-                with loaded:
-                    key = next((k for k in NPZ_KEYS if k in loaded.files), None)
-                    if key is None:
-                        present = ", ".join(loaded.files) or "none"
-                        raise DataError(
-                            f"{file}: no image array; expected one of the keys {', '.join(NPZ_KEYS)}, found: {present}"
-                        )
-                    arr = loaded[key]
+        with zipfile.ZipFile(file) as zf:
+            members = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i for i in zf.infolist()}
+            key = next((k for k in NPZ_KEYS if k in members), None)
+            if key is None:
+                present = ", ".join(members) or "none"
+                raise DataError(
+                    f"{file}: no image array; expected one of the keys {', '.join(NPZ_KEYS)}, found: {present}"
+                )
+            info = members[key]
+            where = f"{file} (array {key!r})"
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise DataError(f"{where}: compression method {info.compress_type}; expected stored or deflated "
+                                "(np.savez or np.savez_compressed)")
+            # deflate expands at most ~1032:1, so a larger claim in the zip directory is a lie (or a bomb)
+            bound = info.compress_size if info.compress_type == zipfile.ZIP_STORED else 1032 * info.compress_size
+            if info.file_size > bound + 64:
+                raise DataError(f"{where}: the zip directory claims {_nbytes(info.file_size)} uncompressed "
+                                f"from {info.compress_size} compressed bytes (at most {_nbytes(bound)}); "
+                                "the archive is corrupted")
+            with zf.open(info) as fh:
+                return _read_npy(fh, info.file_size, file, where, f"array {key!r}", limit)
     except DataError:
         raise
-    except ValueError as e:  # numpy refuses object arrays / pickled data when allow_pickle=False
-        where = f"array {key!r}" if key else "the file"
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
+        raise DataError(f"{file}: not a readable .npz archive ({e})") from e
+
+
+def _read_npy(fh, size: int, file: Path, label: str, what: str, limit: int | None) -> np.ndarray:
+    """The ``.npy`` stream ``fh`` of ``size`` bytes (``label`` names it in errors) → ``(n, C, H, W)``."""
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(fh)
+    except ValueError:
+        raise DataError(f"{label} is not a .npy file (no NumPy magic bytes); expected a file written by np.save")
+    try:
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy.read_array_header_2_0(fh)
+        elif version == (3, 0):  # utf-8 field names; numpy has no public reader for it
+            shape, fortran, dtype = npy._read_array_header(fh, version)
+        else:
+            raise ValueError(f"format version {version[0]}.{version[1]}; allowed 1.0, 2.0, 3.0")
+    except ValueError as e:
+        raise DataError(f"{label}: malformed .npy header ({' '.join(str(e).split())[:200]})") from None
+    if any(d < 0 for d in shape):  # numpy's header reader checks only that they are integers
+        raise DataError(f"{label}: malformed .npy header (shape {shape} has a negative dimension)")
+    if dtype.hasobject:
         raise DataError(
-            f"{file}: {where} holds pickled Python objects, refused (allow_pickle=False); "
+            f"{file}: {what} holds pickled Python objects, refused (allow_pickle=False); "
             "expected a numeric image array"
-        ) from e
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise DataError(f"{file}: not a readable NumPy file ({e})") from e
-    if arr.dtype.kind not in "uif":
-        raise DataError(f"{file}: image array has dtype {arr.dtype}; expected unsigned/signed integers or floats")
-    if arr.ndim == 3:
-        arr = arr[:, None]
-    elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
-        arr = arr.transpose(0, 3, 1, 2)
-    elif arr.ndim != 4 or arr.shape[1] not in (1, 3):
-        raise DataError(
-            f"{file}: image array has shape {arr.shape}; "
-            "expected (n, H, W), (n, H, W, C) or (n, C, H, W) with C in 1 or 3"
         )
+    if dtype.kind not in "uif" or dtype.subdtype is not None:
+        raise DataError(f"{file}: image array has dtype {dtype}; expected unsigned/signed integers or floats")
+    layout = _layout(shape, file)
+    claimed = math.prod(shape) * dtype.itemsize
+    available = size - fh.tell()
+    if claimed > available:
+        holder = "the file" if what == "the file" else "the member"
+        raise DataError(f"{label} is truncated: its header claims {shape} {dtype.name} = {_nbytes(claimed)}, "
+                        f"{holder} has {_nbytes(size)} ({_nbytes(max(available, 0))} after the header)")
+    # C order: only the first `limit` images are read; Fortran order is stored transposed, read whole
+    n = shape[0] if fortran or limit is None else min(shape[0], limit)
+    rows = math.prod(shape[1:])
+    arr = np.empty(n * rows, dtype)
+    view = memoryview(arr.view(np.uint8))
+    got = 0
+    while got < len(view) and (k := fh.readinto(view[got:])):
+        got += k
+    if got < len(view):
+        raise DataError(f"{label} is truncated: the data end after {got} of {_nbytes(len(view))}")
+    arr = arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape((n, *shape[1:]))
+    if layout == "hw":
+        arr = arr[:, None]
+    elif layout == "hwc":
+        arr = arr.transpose(0, 3, 1, 2)
     return arr[:limit]
+
+
+def _layout(shape: tuple[int, ...], file: Path) -> str:
+    """``"hw"`` (grayscale ``(n, H, W)``), ``"hwc"`` (channels last) or ``"chw"``; else a DataError."""
+    if len(shape) == 3:
+        return "hw"
+    if len(shape) == 4 and shape[-1] in (1, 3) and shape[1] not in (1, 3):
+        return "hwc"
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return "chw"
+    raise DataError(
+        f"{file}: image array has shape {shape}; "
+        "expected (n, H, W), (n, H, W, C) or (n, C, H, W) with C in 1 or 3"
+    )
+
+
+def _nbytes(n: int) -> str:
+    """``63771674411008`` → ``"58 TiB"``; below 1 KiB, ``"200 bytes"``."""
+    for unit, size in (("EiB", 1 << 60), ("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20),
+                       ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
 
 
 def _read_cifar(directory: Path, trust_pickle: bool, limit: int | None) -> np.ndarray:
@@ -211,13 +312,24 @@ def _read_cifar(directory: Path, trust_pickle: bool, limit: int | None) -> np.nd
 
 def _read_folder(directory: Path, size: int | None, limit: int | None) -> Tensor:
     """A directory of image files → float32 ``(n, C, H, W)`` in [−1, 1]."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     files = sorted(f for f in directory.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
     if not files:
         raise DataError(f"no images found under {directory}; supported: {'; '.join(SUPPORTED_FORMATS)}")
     files = files[:limit]
-    errors = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+    with warnings.catch_warnings():
+        # an image whose header claims more than Pillow's MAX_IMAGE_PIXELS is refused, not decoded
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _read_images(files, directory, size)
+
+
+def _read_images(files: list[Path], directory: Path, size: int | None) -> Tensor:
+    """Two passes over ``files``: headers (modes, sizes), then pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    errors = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError,
+              Image.DecompressionBombWarning)
     modes, first_size = [], None
     for f in files:  # header pass: Image.open reads mode and size without decoding pixels
         try:

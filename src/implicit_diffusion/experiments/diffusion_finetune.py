@@ -38,18 +38,18 @@ import torch
 from ..algorithms import DIFFUSION_ALGORITHMS
 from ..devices import PRECISIONS, Precision, check_device_name, generator_on, resolve_device, resolve_precision
 from ..distributed import is_main, rank, world_size
-from ..errors import ConfigError, DivergenceError, NonFiniteError
+from ..errors import ConfigError, DataError, DivergenceError, NonFiniteError
 from ..objectives.evaluation import Evaluation, evaluate, rise_in_se, sample_images
 from ..objectives.girsanov import path_kl_cost
 from ..objectives.image_rewards import IMAGE_REWARDS
 from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
-from ..runtime.recording import EvalRecorder
-from ..runtime.state import load_state_of, pack, state_of, unpack
+from ..runtime.recording import EvalRecorder, OrderedSink
+from ..runtime.state import check_state_of, pack, state_of
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
-from ..runtime.validation import nonnegative, one_of, positive
+from ..runtime.validation import check_fields, nonnegative, one_of, positive, short
 from ..samplers.blocks import block_generator
 from ..samplers.diffusion import DIFFUSION_STEPS
 from ..samplers.schedules import VPSchedule
@@ -107,10 +107,9 @@ class Config:
     dtype: str = "float32"  # float32, float64 (checks), bfloat16 (autocast forwards, float32 master weights)
 
     def __post_init__(self) -> None:
-        if self.reward not in IMAGE_REWARDS:
-            raise ConfigError(f"config key 'reward': unknown {self.reward!r}; allowed: {', '.join(IMAGE_REWARDS)}")
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"config key 'algorithm': unknown {self.algorithm!r}; allowed: {', '.join(ALGORITHMS)}")
+        check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
+        one_of(self, "reward", IMAGE_REWARDS)
+        one_of(self, "algorithm", ALGORITHMS)
         if sum(bool(v) for v in (self.model, self.data, self.diffusers_model)) > 1:
             raise ConfigError("give at most one of model (a pretrained file), diffusers_model (a diffusers "
                               "directory) and data (images to pretrain on)")
@@ -122,7 +121,7 @@ class Config:
             raise ConfigError(f"config key 'eval_samples' must be >= 2 (for a standard error), got {self.eval_samples}")
         nonnegative(self, "reward_weight", "kl_weight")
         if self.sweep and (not self.sweep_ratios or any(not r > 0 for r in self.sweep_ratios)):
-            raise ConfigError(f"config key 'sweep_ratios' must be positive numbers, got {self.sweep_ratios!r}")
+            raise ConfigError(f"config key 'sweep_ratios' must be positive numbers, got {short(self.sweep_ratios)}")
         if self.sweep and not self.kl_weight > 0:
             raise ConfigError("--sweep varies λ/β: it needs kl_weight > 0")
         nonnegative(self, "num_threads", "max_batch")
@@ -138,6 +137,23 @@ class Config:
             if getattr(self, key) != default and self.algorithm != "queue-pipelined":
                 raise ConfigError(f"config key {key!r} sets the edges of the pipelined queue; algorithm "
                                   f"{self.algorithm!r} has none (leave it at {default!r})")
+
+    def memory_estimate(self) -> dict[str, int]:
+        """Bytes of the dominant allocations, a rough lower bound (:mod:`~implicit_diffusion.runtime.memory`):
+        the M + 1 states of every evaluation sample (kept for the path KL), of the samples in flight
+        (M·B in the queue, B unrolled in the nested loop) and of the image grid. Images have the shipped
+        model's size (1×8×8 digits, 3×8×8 photo patches, 1×28×28 mnist5k); a model of unknown size
+        counts one number per image."""
+        b = 8 if self.dtype == "float64" else 4
+        model = self.model or ("" if self.data or self.diffusers_model else DEFAULT_MODEL.get(self.reward, ""))
+        pixels = {"digits": 64, "photo-patches": 192, "mnist5k": 784}.get(model, 1)
+        states = (self.num_sampling_steps + 1) * pixels * b
+        return {f"eval_samples = {self.eval_samples:,} ({self.num_sampling_steps + 1} states of {pixels} numbers "
+                f"per sample)": self.eval_samples * states,
+                f"batch_size = {self.batch_size:,} (the samples in flight, {self.num_sampling_steps + 1} states "
+                f"of {pixels} numbers each)": self.batch_size * states * (self.num_sampling_steps
+                                                                          if self.algorithm.startswith("queue") else 1),
+                f"grid_images = {self.grid_images:,} (images of the figure)": self.grid_images * states}
 
 
 @dataclass
@@ -208,9 +224,16 @@ def _load_model(config: Config, metrics_sink):
         name = DEFAULT_MODEL[config.reward]
         loaded, source = load_pretrained(name), f"shipped '{name}' model"
     shape = loaded.extra.get("data_shape")
+    if not hasattr(loaded.model, "in_channels"):  # a ScoreMLP: points, not images
+        shape = shape or [loaded.model.config["dim"]]
     if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
         raise ConfigError(f"{source}: the file does not record its data shape (extra['data_shape']); "
                           f"save it with `implicit-diffusion pretrain`")
+    if len(shape) != 3 or not hasattr(loaded.model, "in_channels"):
+        # found here, not deep inside the image reward at the first step
+        raise ConfigError(f"config key 'model': {source} makes samples of shape {tuple(shape)}, diffusion-finetune "
+                          f"needs images (C, H, W); use a shipped image model ({', '.join(PRETRAINED)}) or one "
+                          f"from `implicit-diffusion pretrain digits|mnist|cifar10|images` instead")
     return loaded.model, loaded.schedule, tuple(shape), source, None
 
 
@@ -249,6 +272,9 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
                           f"'time_power' = {config.time_power:g}) does not fit {source}: "
                           f"{e}") from None
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # a resume must start from the weights the run started from (a model file, a diffusers directory or a
+    # pretraining on --data changed since would go on silently)
+    checkpoints.bind_data("starting model's weights", initial, source)
     step = DIFFUSION_STEPS[config.sampler]
     if resumed is None:
         kl0 = path_kl_cost(net, schedule, 1.0, step)
@@ -256,14 +282,20 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
                            kl=kl0, generator=generator_on(device, config.seed + 1), prediction=model.prediction,
                            dtype=precision.dtype)
     else:
+        check_state_of({}, resumed[0], {}, like={"base": torch.empty(len(Evaluation._fields), dtype=torch.float64)},
+                       source=checkpoints.source, exhaustive=False)
         base = Evaluation(*resumed[0]["base"].tolist())
     result = Result(config, source, schedule, base, model=model, shape=shape, diffusers=diffusers)
     weights = [r * config.kl_weight for r in config.sweep_ratios] if config.sweep else [config.reward_weight]
     first = 0
     if resumed is not None:
         tensors, meta = resumed
-        first = int(meta["run_index"])
-        result.runs = [RunRecord(**r) for r in unpack(meta["finished"], tensors)]
+        checkpoints.require(meta, run_index=int, finished=list, run=dict)
+        first = meta["run_index"]
+        result.runs = checkpoints.unpack(meta["finished"], into=RunRecord, many=True)
+        if not 0 <= first < len(weights) or len(result.runs) != first:
+            raise DataError(f"{checkpoints.source}: meta 'state.run_index' must be the number of finished runs "
+                            f"({len(result.runs)}), below the sweep's {len(weights)}; got {first}")
 
     def sweep_state() -> tuple[dict[str, torch.Tensor], dict]:
         """The sweep's part of a checkpoint: the base evaluation, the finished runs, the run in progress."""
@@ -319,7 +351,9 @@ def _finetune(config: Config, model, net, precision: Precision, schedule, shape,
                              generator=generator_on(device, config.seed + 2), prediction=model.prediction,
                              dtype=dtype)[-1].cpu()
 
-    evals = EvalRecorder(measure, config.eval_every, config.num_steps, sink, step_key="eval_step",
+    # the one ordering point: the per-step rewards held below go out before any later record (step order)
+    ordered = OrderedSink(sink)
+    evals = EvalRecorder(measure, config.eval_every, config.num_steps, ordered, step_key="eval_step",
                          labels={"run": label}, snapshot=grid,
                          snapshot_steps={0, config.num_steps // 3, 2 * config.num_steps // 3, config.num_steps})
     written = recorded = 0  # per-step rewards handed to the sink / recorded
@@ -329,6 +363,8 @@ def _finetune(config: Config, model, net, precision: Precision, schedule, shape,
         sink([{"run": label, "step": k, "reward": None if np.isnan(train[k]) else float(train[k])}
               for k in range(written, upto)])
         written = upto
+
+    ordered.hold(lambda: flush(recorded))
 
     def record(k: int, _x, stats: dict) -> None:
         nonlocal recorded
@@ -363,10 +399,17 @@ def _finetune(config: Config, model, net, precision: Precision, schedule, shape,
     first = 0
     if resumed is not None:
         tensors, meta = resumed
-        load_state_of(parts, tensors, meta["run"], "run.")
+        checkpoints.require(meta["run"], "state.run", written=int, wall_time=float)
+        # θ by name, shape and dtype before anything is loaded (the algorithm saves it as run.algo.model.*)
+        theta = {f"run.algo.model.{k}": v for k, v in model.state_dict().items()}
+        checkpoints.restore(parts, meta["run"], "run.", num_steps=config.num_steps,
+                            like={**theta, "run.train": torch.from_numpy(train)})
         train[:] = tensors["run.train"].numpy()
         first = recorded = checkpoints.start
-        elapsed, written = meta["run"]["wall_time"], int(meta["run"]["written"])
+        elapsed, written = meta["run"]["wall_time"], meta["run"]["written"]
+        if not 0 <= written <= first:
+            raise DataError(f"{checkpoints.source}: meta 'state.run.written' must be from 0 to the step {first}, "
+                            f"got {written}")
     else:
         evals.record(0, None)
     start = time.perf_counter()

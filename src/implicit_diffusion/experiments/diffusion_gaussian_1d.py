@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..runtime.progress import ProgressBar
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
-from ..runtime.validation import positive
+from ..runtime.validation import check_fields, positive, short
 from ..samplers.diffusion import euler_maruyama_step
 from ..samplers.schedules import VPSchedule
 
@@ -46,12 +46,20 @@ class Config:
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps (float64 throughout)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # finite numbers, int64 integers, seed bounds (runtime.validation)
         positive(self, "T", "num_sampling_steps", "batch_size", "num_steps", "lr")
         check_device_name(self.device)
         bad = [a for a in self.algorithms if a not in ALGORITHMS]
         if bad or not self.algorithms:
-            raise ConfigError(f"config key 'algorithms': unknown {bad or 'empty list'}; "
+            raise ConfigError(f"config key 'algorithms': unknown {short(bad or 'empty list')}; "
                               f"allowed: {', '.join(ALGORITHMS)}")
+
+    def memory_estimate(self) -> dict[str, int]:
+        """Bytes of the dominant allocations, a rough lower bound (:mod:`~implicit_diffusion.runtime.memory`):
+        the M + 1 states of the B samples of each of the M queue slots (float64)."""
+        return {f"batch_size = {self.batch_size:,} with num_sampling_steps = {self.num_sampling_steps:,} (the "
+                f"states of the samples in flight, float64)":
+                    8 * self.batch_size * self.num_sampling_steps * (self.num_sampling_steps + 1)}
 
 
 class GaussianScore(torch.nn.Module):

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..algorithms import NestedLoop, SingleLoop
 from ..data.builtin import train_heldout
 from ..devices import check_device_name, generator_on, resolve_device
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..metrics import mmd2
 from ..models import EnergyMLP
 from ..models.potentials import grid_density
@@ -45,9 +45,9 @@ from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_e
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
 from ..runtime.recording import EvalRecorder
-from ..runtime.state import load_state_of, pack, state_of, unpack
+from ..runtime.state import pack, state_of
 from ..runtime.threads import torch_threads
-from ..runtime.validation import check, nonnegative, positive
+from ..runtime.validation import check, check_fields, nonnegative, positive
 from ..samplers import langevin_chain
 
 __all__ = ["EBMConfig", "EBMResult", "MethodResult", "run", "save", "table", "Config"]
@@ -94,6 +94,7 @@ class EBMConfig:
     checkpoint_every: int = 0  # θ updates between checkpoints, in each method's loop (0: only on Ctrl-C)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
         if self.data not in DATASETS:
             raise ConfigError(f"config key 'data' must be one of {', '.join(DATASETS)}, got {self.data!r}")
         positive(self, "num_train", "num_particles", "batch_size", "num_steps", "sampler_steps_per_update",
@@ -125,6 +126,22 @@ class EBMConfig:
         gamma, std, bw, alpha = _DEFAULTS[self.data]
         return (self.step_size or gamma, self.init_std or std, self.mmd_bandwidths or bw,
                 alpha if self.energy_penalty < 0 else self.energy_penalty)
+
+    def memory_estimate(self) -> dict[str, int]:
+        """Bytes of the dominant allocations, a rough lower bound (:mod:`~implicit_diffusion.runtime.memory`):
+        the particles (x, ∇V, noise, next step) and the energy MLP's activations on them, kept for ∇ₓV;
+        the data minibatch's activations; the Gram matrices of MMD² between particles and held-out data
+        (n², m², n·m entries, with their exponentials); the training points."""
+        b = 4 if self.dtype == "float32" else 8
+        dim = 64 if self.data == "digits" else 2
+        n, m, width = self.num_particles, self.heldout_size, self.hidden * self.depth
+        return {f"num_particles = {n:,} (particles of dimension {dim} in {self.dtype}, with the energy's "
+                f"{width} activations each)": n * (4 * dim + 2 * width) * b,
+                f"batch_size = {self.batch_size:,} (the data minibatch's {width} activations each)":
+                    self.batch_size * (dim + 2 * width) * b,
+                f"num_particles = {n:,} with num_heldout = {m:,} (the Gram matrices of MMD², "
+                f"{n * n + m * m + n * m:,} entries)": 2 * (n * n + m * m + n * m) * b,
+                f"num_train = {self.num_train:,} (training points)": (self.num_train if dim == 2 else 0) * dim * b}
 
 
 @dataclass
@@ -193,6 +210,9 @@ def _run(config: EBMConfig, sink, checkpoints: Checkpoints | None = None) -> EBM
     # the data (and the minibatch stream, objectives.kl) come from CPU generators: the same on every device
     train, heldout = train_heldout(config.data, config.num_train, config.heldout_size,
                                    generator=torch.Generator().manual_seed(config.seed), dtype=dtype)
+    # a resume must train on the data the run trained on (a changed data set would go on silently)
+    checkpoints.bind_data("training data", train, f"data set {config.data!r}")
+    checkpoints.bind_data("held-out data", heldout, f"data set {config.data!r}")
     train, heldout = train.to(device), heldout.to(device)
     dim = train.shape[1]
     n_floor = min(train.shape[0], heldout.shape[0])
@@ -210,9 +230,14 @@ def _run(config: EBMConfig, sink, checkpoints: Checkpoints | None = None) -> EBM
     if config.compare:
         methods.append(("nested", budget * config.nested_budget_factor // config.nested_inner_steps))
     resumed = checkpoints.state if checkpoints.resumed else None
+    if resumed:
+        checkpoints.require(resumed[1], method=str, train_seconds=float, finished=dict)
+        if resumed[1]["method"] not in dict(methods):
+            raise DataError(f"{checkpoints.source}: meta 'state.method' is {resumed[1]['method']!r}; this run "
+                            f"trains {', '.join(repr(k) for k, _ in methods)}")
     for key, updates in methods:
         if resumed and key in resumed[1]["finished"]:
-            result.methods[key] = MethodResult(**unpack(resumed[1]["finished"][key], resumed[0]))
+            result.methods[key] = checkpoints.unpack(resumed[1]["finished"][key], into=MethodResult)
             continue
         resume_here = resumed if resumed and resumed[1]["method"] == key else None
         result.methods[key] = _train(config, key, updates, train, heldout, init_fn, sink,
@@ -262,7 +287,8 @@ def _train(config: EBMConfig, key: str, updates: int, train: Tensor, heldout: Te
     first, before = 0, 0.0  # θ updates done and training seconds before this process (resume)
     if resumed is not None:
         tensors, saved = resumed
-        load_state_of(parts, tensors, saved, "train.")
+        particles = torch.empty(config.num_particles, train.shape[1], dtype=train.dtype, device="meta")
+        checkpoints.restore(parts, saved, "train.", num_steps=updates, like={"train.particles": particles})
         x0, first, before = (tensors["train.particles"].to(train.device, train.dtype), checkpoints.start,
                              saved["train_seconds"])
     elif x0 is not None:

@@ -36,7 +36,7 @@ from ..models.regression import Problem, load_problem, minimize_1d
 from ..runtime.progress import ProgressBar
 from ..runtime.tables import columns
 from ..runtime.threads import torch_threads
-from ..runtime.validation import nonnegative, positive
+from ..runtime.validation import check_fields, nonnegative, positive
 
 __all__ = ["HyperparameterConfig", "HyperparameterResult", "Trace", "run", "save", "table"]
 
@@ -71,6 +71,7 @@ class HyperparameterConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
         positive(self, "num_updates", "inner_steps_per_update", "cg_steps", "outer_lr", "nested_updates",
                  "nested_max_inner_steps", "nested_max_cg_steps")
         nonnegative(self, "nested_inner_tol", "nested_cg_tol", "reach_tol")
@@ -89,6 +90,14 @@ class HyperparameterConfig:
         check_device_name(self.device)
         if self.num_threads < 1:
             raise ConfigError(f"config key 'num_threads' must be >= 1, got {self.num_threads!r}")
+
+    def memory_estimate(self) -> dict[str, int]:
+        """Bytes of the dominant allocations, a rough lower bound (:mod:`~implicit_diffusion.runtime.memory`):
+        the six recorded values of every θ update (Python floats in lists, then numpy arrays, about 40 bytes
+        each) and the reference grid."""
+        return {f"num_updates = {self.num_updates:,} (six values recorded per update)": 240 * self.num_updates,
+                f"nested_updates = {self.nested_updates:,} (six values recorded per update)": 240 * self.nested_updates,
+                f"grid_points = {self.grid_points:,} (the reference grid)": 16 * self.grid_points}
 
 
 @dataclass

@@ -36,11 +36,11 @@ from ..objectives.hexagon_exact import ExactEvaluation
 from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
-from ..runtime.recording import EvalRecorder, RewardRecorder, RunningMean
-from ..runtime.state import load_state_of, state_of
+from ..runtime.recording import EvalRecorder, OrderedSink, RewardRecorder, RunningMean
+from ..runtime.state import state_of
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
-from ..runtime.validation import check, nonnegative, positive
+from ..runtime.validation import check, check_fields, nonnegative, positive
 from ..samplers import ula_step
 from ..samplers.blocks import ParticleBlocks
 from ..samplers.registry import SamplerSetup, sampler_setup
@@ -82,6 +82,7 @@ class LangevinMixtureConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # skip: reject non-finite particle moves and θ updates
 
     def __post_init__(self) -> None:
+        check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
         positive(self, "num_particles", "num_steps", "step_size", "lr", "sampler_steps_per_update", "eval_every")
         if len(self.theta0) != 6:
             raise ConfigError(f"config key 'theta0' must have 6 entries (one per hexagon component), "
@@ -98,6 +99,16 @@ class LangevinMixtureConfig:
         if self.sampler == "myula-box" and self.step_size > 1.0:
             raise ConfigError(f"config key 'step_size' must be <= 1 (the MYULA parameter λ) with sampler "
                               f"'myula-box', got {self.step_size}")
+
+    def memory_estimate(self) -> dict[str, int]:
+        """Bytes of the dominant allocations, a rough lower bound (:mod:`~implicit_diffusion.runtime.memory`):
+        per particle its 2 coordinates in x, ∇V, the noise and the next step, and its 6 × 2 differences
+        to the mixture's centres; the particle clouds kept at ``snapshot_steps``."""
+        b, n = (4 if self.dtype == "float32" else 8), self.num_particles
+        return {f"num_particles = {n:,} (particles of dimension 2 in {self.dtype}: x, ∇V, noise, the next step "
+                f"and the differences to the 6 centres)": n * (4 * 2 + 6 * 2) * b,
+                f"snapshot_steps ({len(self.snapshot_steps)} clouds of {n:,} particles)":
+                    len(self.snapshot_steps) * n * 2 * b}
 
 
 @dataclass
@@ -205,7 +216,8 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
         nonfinite="skip" if config.on_nonfinite == "skip" else "update",
     )
 
-    sink = metrics_sink or (lambda records: None)
+    # one ordering point: the per-step rewards (handed over in blocks) go out before any later record
+    sink = OrderedSink(metrics_sink or (lambda records: None))
     num_steps = config.num_steps
     snapshot_steps = sorted({min(s, num_steps) for s in config.snapshot_steps} | {num_steps})
     rewards = RewardRecorder(num_steps, sink, dtype=dtype)
@@ -239,9 +251,16 @@ def _run(config: LangevinMixtureConfig, metrics_sink, checkpoints: Checkpoints |
 
     x = blocks.initial(lambda n, g: _initial_particles(n, g, dtype))
     if checkpoints.resumed:
-        tensors, saved = checkpoints.state
-        load_state_of(parts, tensors, saved)
+        tensors, _ = checkpoints.state
+        # the particles as the run has them; the dual iterate is there for primal-dual Langevin only
+        checkpoints.restore(parts, num_steps=num_steps, like={"particles": x, "sampler.dual": None})
         x = tensors["particles"].to(device, dtype)
+        # the evaluations so far must look like those this run makes (they end up in the figures and summary)
+        measured, taken, n = exact(potential.logits), snapshot(0, x), len(evals.steps)
+        checkpoints.check_like("meta 'evals.steps'", evals.steps, [0] * n)
+        checkpoints.check_like("the evaluations", evals.values, {k: [v] * n for k, v in measured.items()} if n else {})
+        for step, snap in evals.snapshots.items():
+            checkpoints.check_like(f"the snapshot at step {step!r}", snap, taken)
         if "sampler.dual" in tensors:
             setup.step.dual = tensors["sampler.dual"].to(device)
     else:

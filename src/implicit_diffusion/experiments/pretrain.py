@@ -36,7 +36,7 @@ from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
-from ..runtime.validation import one_of, positive
+from ..runtime.validation import check_fields, one_of, positive, short
 from ..samplers.schedules import SCHEDULE_KINDS, VPSchedule
 
 __all__ = ["DATASETS", "Config", "Result", "run", "save", "table", "load_training_data", "build_model"]
@@ -44,6 +44,15 @@ __all__ = ["DATASETS", "Config", "Result", "run", "save", "table", "load_trainin
 IMAGE_DATASETS = ("digits", "photo-patches", "mnist5k")
 FILE_DATASETS = ("mnist", "cifar10", "images")
 DATASETS = TWO_D_DATASETS + IMAGE_DATASETS + FILE_DATASETS
+
+
+def _unet_groups() -> int:
+    """The GroupNorm groups of the U-Net :func:`build_model` makes (its default): its widths must be multiples."""
+    import inspect
+
+    from ..models.unet import UNet
+
+    return inspect.signature(UNet).parameters["groups"].default
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class Config:
     dtype: str = "float32"  # float32, float64, bfloat16 (autocast forwards, float32 master weights)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
         check_device_name(self.device)
         one_of(self, "dtype", PRECISIONS)
         if self.dataset not in DATASETS:
@@ -83,15 +93,47 @@ class Config:
             raise ConfigError(f"--data is for the data sets {', '.join(FILE_DATASETS)}, not {self.dataset!r}")
         if self.schedule not in SCHEDULE_KINDS:
             raise ConfigError(f"config key 'schedule': unknown {self.schedule!r}; allowed: {', '.join(SCHEDULE_KINDS)}")
+        # max_grad_norm <= 0 made the clipping scale negative (training ran uphill) or zero (no step at all)
         positive(self, "num_points", "patch_size", "num_steps", "batch_size", "lr", "base_channels", "hidden",
-                 "num_samples", "sampling_steps")
+                 "num_samples", "sampling_steps", "max_grad_norm")
+        groups = _unet_groups()
+        if self.dataset not in TWO_D_DATASETS and self.base_channels % groups:
+            raise ConfigError(f"config key 'base_channels' must be a multiple of {groups} (the U-Net's GroupNorm "
+                              f"groups), got {self.base_channels}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"config key 'ema_decay' must be in [0, 1), got {self.ema_decay!r}")
         check_checkpoint_every(self.checkpoint_every)
         if self.limit < 0 or self.num_threads < 0:
             raise ConfigError("config keys 'limit' and 'num_threads' must be >= 0")
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
-            raise ConfigError(f"config key 'channel_mults' must be positive integers, got {self.channel_mults!r}")
+            raise ConfigError(f"config key 'channel_mults' must be positive integers, got {short(self.channel_mults)}")
+        side = {"digits": 8, "mnist5k": 28, "photo-patches": self.patch_size}.get(self.dataset)
+        divisor = 2 ** (len(self.channel_mults) - 1)  # each level after the first halves H and W
+        if side is not None and side % divisor:
+            raise ConfigError(f"config key 'channel_mults' has {len(self.channel_mults)} levels, which need images "
+                              f"of a size divisible by {divisor}; {self.dataset} images are {side}×{side}")
+
+    def memory_estimate(self) -> dict[str, int]:
+        """Bytes of the dominant allocations, a rough lower bound (:mod:`~implicit_diffusion.runtime.memory`):
+        the drawn points or patches; a minibatch's first feature map (base_channels × H × W per image, or
+        the MLP's hidden layers per point) and its gradient; the loss of every step (float32); the
+        samples drawn at the end. File data sets, of unknown size, count only the loss record."""
+        b = 8 if self.dtype == "float64" else 4
+        size = {"digits": (1, 8, 8, 1_797), "mnist5k": (1, 28, 28, self.limit or 5_000),
+                "photo-patches": (3, self.patch_size, self.patch_size, self.num_points)}.get(self.dataset)
+        if self.dataset in TWO_D_DATASETS:
+            per_item, width, n_data = 2, 3 * self.hidden, self.num_points
+        elif size is not None:
+            per_item, width, n_data = size[0] * size[1] * size[2], self.base_channels * size[1] * size[2], size[3]
+        else:
+            per_item = width = n_data = 0
+        batch = min(self.batch_size, n_data)
+        drawn = n_data if self.dataset in TWO_D_DATASETS or self.dataset == "photo-patches" else 0
+        return {f"num_points = {self.num_points:,} (the training data, {per_item} numbers each)": drawn * per_item * 4,
+                f"batch_size = {self.batch_size:,} (a minibatch's first layer, {width:,} numbers per item, "
+                f"and its gradient)": 2 * batch * (width + per_item) * b,
+                f"num_steps = {self.num_steps:,} (the loss of every step)": 4 * self.num_steps,
+                f"num_samples = {self.num_samples:,} (samples drawn at the end)": 2 * self.num_samples * per_item * b}
 
 
 def load_training_data(config: Config, generator: torch.Generator) -> torch.Tensor:
@@ -191,6 +233,8 @@ def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = 
         generator = generator_on(device, config.seed)
         data = load_training_data(config, generator if device.type == "cpu" else
                                   torch.Generator().manual_seed(config.seed))
+        # a resume must train on the data the run trained on (a file changed since would go on silently)
+        checkpoints.bind_data("training data", data, config.data or f"data set {config.dataset!r}")
         data = data.to(device=device, dtype=precision.dtype)
         schedule = VPSchedule(config.schedule, num_steps=config.sampling_steps)
         with torch.random.fork_rng(devices=[]):  # layer initialisation draws from the global RNG:
@@ -203,7 +247,17 @@ def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = 
         first, before = 0, 0.0  # steps done and training seconds before this process (resume)
         if checkpoints.resumed:
             tensors, saved = checkpoints.state
-            first, before = trainer.load_state(tensors, saved["trainer"]), saved["wall_time"]
+            checkpoints.require(saved, trainer=dict, wall_time=float)
+            record = checkpoints.require(saved["trainer"], "state.trainer", optimizer=dict, generator_device=str)
+            first, before = checkpoints.start, saved["wall_time"]
+            # DSMTrainer.state's tensors, as parts: checked against the live trainer, then loaded
+            parts = {"trainer.model": trainer.model, "trainer.ema": trainer.ema,
+                     "trainer.optimizer": trainer.optimizer, "trainer.generator": trainer.generator}
+            checkpoints.restore(parts, {"trainer.optimizer": record["optimizer"],
+                                        "trainer.generator": {"device": record["generator_device"]}},
+                                num_steps=config.num_steps,
+                                like={"trainer.losses": trainer.losses[:first].to("meta")})
+            trainer.losses[:first] = tensors["trainer.losses"]
         start = time.perf_counter()
 
         def state(done: int, x: torch.Tensor) -> tuple[dict, dict]:

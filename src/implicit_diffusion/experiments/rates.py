@@ -45,7 +45,7 @@ from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
-from ..runtime.validation import check, nonnegative, positive
+from ..runtime.validation import check, check_fields, nonnegative, positive
 
 __all__ = ["Config", "QUANTITIES", "Result", "RULES", "THEORY_EXPONENTS", "problem", "run", "run_single", "save",
            "step_rules", "table", "time_axis"]
@@ -81,6 +81,7 @@ class Config:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
         positive(self, "bump_width", "variance", "num_particles", "num_steps", "step_size", "constant_step", "dt",
                  "lr", "num_seeds")
         if self.num_particles < 2:
@@ -105,6 +106,19 @@ class Config:
             raise ConfigError(f"config key 'fit_from' must be in (0, 1), got {self.fit_from!r}")
         nonnegative(self, "num_threads", note="(0 = automatic)")
         check_device_name(self.device)
+        if self.num_seeds > 2**20:  # seeds seed … seed + num_seeds − 1 must stay below torch's 2**64
+            raise ConfigError(f"config key 'num_seeds' must be <= {2**20:,}, got {self.num_seeds:,}")
+
+    def memory_estimate(self) -> dict[str, int]:
+        """Bytes of the dominant allocations, a rough lower bound (:mod:`~implicit_diffusion.runtime.memory`):
+        the particles (x, ∇V, noise, next step); θ_0 … θ_K of every rule and seed, kept in float64 (and
+        the running one on the device in ``dtype``)."""
+        b, d, k = (4 if self.dtype == "float32" else 8), len(self.target), self.num_steps + 1
+        runs = len(self.rules) * self.num_seeds
+        return {f"num_particles = {self.num_particles:,} (particles of dimension {d} in {self.dtype})":
+                    4 * self.num_particles * d * b,
+                f"num_steps = {self.num_steps:,} (θ_0 … θ_K of {runs} runs, dimension {d}, in float64)":
+                    runs * k * d * 8 + k * d * b}
 
 
 def step_rules(config: Config, rule: str) -> tuple[Callable[[int], float], Callable[[int], float]]:

@@ -26,7 +26,6 @@ downloaded (``local_files_only=True``).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 
 from ..errors import DataError
 from ..samplers.schedules import VPSchedule
+from .diffusers_config import check_scheduler_config, check_unet_config, check_unet_weights, read_json
 
 __all__ = ["DiffusersUNet", "LoadedDiffusers", "load_diffusers", "save_diffusers"]
 
@@ -125,18 +125,15 @@ def load_diffusers(path: str | Path, num_steps: int | None = None) -> LoadedDiff
         raise DataError(f"{str(path)!r} holds no diffusers UNet (expected unet/config.json or config.json)")
     sched_file = sched_dir / "scheduler_config.json"
     if not sched_file.is_file():
-        raise DataError(f"{str(path)!r} has no scheduler_config.json beside its UNet")
-    try:
-        sched_config = json.loads(sched_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{str(sched_file)!r} is not valid JSON: {e}") from None
-    cls_name = sched_config.get("_class_name")
-    if cls_name not in _SCHEDULERS:
-        raise DataError(f"scheduler {cls_name!r} in {str(sched_file)!r} is not supported; allowed: "
-                        f"{', '.join(_SCHEDULERS)}")
+        raise DataError(f"{str(path)!r} has no scheduler_config.json beside its UNet "
+                        f"(expected {str(sched_file)!r}, as written by the scheduler's save_pretrained)")
+    # every key used below is checked before diffusers builds anything from these files (diffusers_config)
+    unet_config = read_json(unet_dir / "config.json")
+    shape = check_unet_config(unet_config, unet_dir / "config.json")
+    sched_config = read_json(sched_file)
+    cls_name = check_scheduler_config(sched_config, sched_file, _SCHEDULERS, tuple(_PREDICTIONS))
     prediction = sched_config.get("prediction_type", "epsilon")
-    if prediction not in _PREDICTIONS:
-        raise DataError(f"prediction_type {prediction!r} is not supported; allowed: {', '.join(_PREDICTIONS)}")
+    check_unet_weights(unet_config, unet_dir)
     try:
         unet = diffusers.UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True,
                                                      low_cpu_mem_usage=False)
@@ -144,12 +141,8 @@ def load_diffusers(path: str | Path, num_steps: int | None = None) -> LoadedDiff
     except (OSError, ValueError) as e:
         raise DataError(f"cannot load the diffusers model in {str(path)!r} (only safetensors weights are read): "
                         f"{' '.join(str(e).split())[:300]}") from None
-    cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
-    h, w = (size, size) if isinstance(size, int) else size
-    model = DiffusersUNet(unet, sched_config.get("num_train_timesteps", 1000), _PREDICTIONS[prediction])
-    return LoadedDiffusers(model, vp_schedule_for(scheduler, num_steps), (cfg.in_channels, h, w), scheduler,
-                           layout)
+    model = DiffusersUNet(unet, scheduler.config.num_train_timesteps, _PREDICTIONS[prediction])
+    return LoadedDiffusers(model, vp_schedule_for(scheduler, num_steps), shape, scheduler, layout)
 
 
 def save_diffusers(loaded: LoadedDiffusers, model: DiffusersUNet, source: str | Path, out: str | Path) -> None:

@@ -15,12 +15,23 @@ scheduler's ``state_dict()`` is JSON.
 - adds ``checkpoints.callback(state_fn)`` to its loop's callbacks, where ``state_fn(done, x)``
   returns ``(tensors, meta)``: everything needed to continue after ``done`` θ updates (θ,
   optimizer and scheduler state, particles, generator states, recorders);
-- on resume (``checkpoints.resumed`` is not None) loads that state and starts its loop at
-  ``checkpoints.start``.
+- on resume (``checkpoints.resumed`` is not None) loads that state with
+  ``checkpoints.restore(parts, ..., num_steps=N)`` (checked first, see below) and starts its
+  loop at ``checkpoints.start``;
+- calls ``checkpoints.bind_data(name, tensor, where)`` once for the data (or starting weights) it
+  trains on.
 
 The file (``RUN_DIR/checkpoint.safetensors``) also records the experiment's name, the resolved
 config and the length of ``metrics.jsonl`` at the checkpoint, so a resumed run truncates the
 metrics to that point and appends exactly what the uninterrupted run would have written.
+
+**What is trusted.** Nothing in the file: :func:`check_meta` checks the record's schema
+(experiment, step, metrics_offset, config, state) when it is read; :meth:`Checkpoints.restore`
+checks the saved tensors against the live objects before loading them
+(:func:`~implicit_diffusion.runtime.state.load_state_of`), and the step against the loop's
+length; :meth:`Checkpoints.bind_data` records a fingerprint of the data (or weights) a run
+starts from and refuses to resume when they have changed. Each failure is a one-line
+:class:`~implicit_diffusion.errors.DataError` naming the file.
 
 Ctrl-C (SIGINT), SIGTERM (what schedulers send) and SIGHUP (a closed terminal) during
 :meth:`Checkpoints.catch_interrupts` only set a flag; the callback writes a checkpoint after the
@@ -35,7 +46,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +55,7 @@ from torch import Tensor
 from ..errors import ConfigError, DataError
 from ..serialization import save_tensors
 from .config import config_to_dict
+from .state import check_like, fingerprint, load_state_of, unpack
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -52,14 +64,16 @@ __all__ = [
     "NoCheckpoints",
     "RunInterrupted",
     "check_checkpoint_every",
+    "check_meta",
     "load_checkpoint",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "implicit-diffusion/checkpoint"
-# 2: the run state is saved by part (runtime.state); a version-1 checkpoint names its tensors otherwise
-_VERSION = "2"
+# 2: the run state is saved by part (runtime.state); a version-1 checkpoint names its tensors otherwise.
+# 3: fingerprints of the training data (or starting weights) in meta["data"]; version 2 has none
+_VERSION = "3"
 
 
 def save_checkpoint(path: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
@@ -99,6 +113,48 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
 
 
 StateFn = Callable[[int, Tensor], tuple[dict[str, Tensor], dict[str, Any]]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a JSON {_JSON_NAMES.get(type(value), type(value).__name__)}"
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def check_meta(meta: Any, path: str | Path, experiments: Collection[str] | None = None) -> dict[str, Any]:
+    """``meta`` (a checkpoint's record) if it has the schema :meth:`Checkpoints.save` writes: experiment
+    (a string, one of ``experiments`` when given), step (an integer >= 0; its upper bound is the
+    loop's, checked by :meth:`Checkpoints.restore`), metrics_offset (an integer >= 0), config and
+    state (JSON objects), data (fingerprints, optional); else a one-line DataError."""
+    where = f"checkpoint {str(path)!r}"
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: its metadata must be a JSON object, got {_kind(meta)}")
+    for key in ("experiment", "step", "metrics_offset", "config", "state"):
+        if key not in meta:
+            raise DataError(f"{where}: meta {key!r} is missing")
+    name = meta["experiment"]
+    if not isinstance(name, str):
+        raise DataError(f"{where}: meta 'experiment' must be a string, got {_kind(name)}")
+    if experiments is not None and name not in experiments:
+        raise DataError(f"{where}: meta 'experiment' is {name!r}, not a known experiment; "
+                        f"known: {', '.join(sorted(experiments))}")
+    if not _is_int(meta["step"]) or meta["step"] < 0:
+        raise DataError(f"{where}: meta 'step' must be an integer >= 0, got {meta['step']!r}")
+    if not _is_int(meta["metrics_offset"]) or meta["metrics_offset"] < 0:
+        raise DataError(f"{where}: meta 'metrics_offset' must be an integer >= 0 (bytes of metrics.jsonl), "
+                        f"got {meta['metrics_offset']!r}")
+    for key in ("config", "state"):
+        if not isinstance(meta[key], dict):
+            raise DataError(f"{where}: meta {key!r} must be a JSON object, got {_kind(meta[key])}")
+    data = meta.get("data", {})
+    if not (isinstance(data, dict) and all(isinstance(v, str) for v in data.values())):
+        raise DataError(f"{where}: meta 'data' must map names to fingerprints (strings), got {_kind(data)}")
+    return meta
 
 
 def check_checkpoint_every(every: int) -> None:
@@ -143,13 +199,92 @@ class Checkpoints:
         self.experiment = experiment
         self.config = config
         self.metrics_position = metrics_position
+        if resumed is not None:
+            check_meta(resumed[1], self.path)
         self.resumed = resumed
         self._interrupted: int | None = None  # the stop signal received, if any
+        self._data: dict[str, str] = {}  # fingerprints of what the run started from (bind_data)
+
+    @property
+    def source(self) -> str:
+        """How messages name the checkpoint: ``"checkpoint 'RUN_DIR/checkpoint.safetensors'"``."""
+        return f"checkpoint {str(self.path)!r}"
 
     @property
     def start(self) -> int:
         """θ updates already done: 0 for a fresh run, the checkpoint's step on resume."""
         return int(self.resumed[1]["step"]) if self.resumed else 0
+
+    def bind_data(self, name: str, value: Tensor | Mapping[str, Tensor], where: str) -> None:
+        """Tie the run to the data (or weights) ``value`` it starts from, called once at the start of
+        ``run``: a fingerprint (:func:`~implicit_diffusion.runtime.state.fingerprint`) goes into every
+        checkpoint, and on resume it must be the one saved, else a one-line DataError naming
+        ``where`` (a path, or how the data were made). ``name`` says what it is ("training data")."""
+        now = fingerprint(value)
+        if self.resumed is not None:
+            saved = self.resumed[1].get("data", {}).get(name)
+            if saved is None:
+                raise DataError(f"{self.source} has no fingerprint of the {name}; it cannot show that the "
+                                f"{name} are the run's ({where})")
+            if saved != now:
+                raise DataError(f"the {name} differ from the run's: fingerprint {saved[:16]} at the checkpoint, "
+                                f"{now[:16]} now ({where})")
+        self._data[name] = now
+
+    def require(self, meta: Any, where: str = "state", **types: type | tuple[type, ...]) -> dict[str, Any]:
+        """``meta`` (a part of the saved state) if it is a JSON object holding each key of ``types`` with a
+        value of that type (float accepts integers; bool is never an integer); else a one-line DataError."""
+        if not isinstance(meta, dict):
+            raise DataError(f"{self.source}: meta {where!r} must be a JSON object, got {_kind(meta)}")
+        for key, kind in types.items():
+            declared = kind if isinstance(kind, tuple) else (kind,)
+            accepted = (*declared, int) if float in declared else declared
+            value = meta.get(key)
+            if key not in meta or not isinstance(value, accepted) or (isinstance(value, bool) and bool not in declared):
+                names = " or ".join(_JSON_NAMES.get(k, k.__name__) for k in declared)
+                got = "nothing" if key not in meta else _kind(value)
+                raise DataError(f"{self.source}: meta '{where}.{key}' must be a JSON {names}, got {got}")
+        return meta
+
+    def restore(self, parts: Mapping[str, Any], meta: Any = None, prefix: str = "", *, num_steps: int,
+                like: Mapping[str, Tensor | None] | None = None) -> None:
+        """Load the saved state into the live ``parts`` (:func:`~implicit_diffusion.runtime.state.load_state_of`,
+        which first checks it against them), for a loop of ``num_steps`` updates: the checkpoint's
+        step must be within it. ``meta``: the parts' records (default: the whole saved state)."""
+        tensors, state = self.state
+        step = self.resumed[1]["step"]
+        if not 0 <= step <= num_steps:
+            raise DataError(f"{self.source}: meta 'step' must be an integer from 0 to {num_steps}, got {step!r}")
+        load_state_of(parts, tensors, state if meta is None else meta, prefix, like=like, source=self.source,
+                      exhaustive=True)
+
+    def check_like(self, where: str, value: Any, example: Any) -> None:
+        """A restored record shaped like ``example`` (:func:`~implicit_diffusion.runtime.state.check_like`),
+        else a one-line DataError naming the file."""
+        check_like(self.source, where, value, example)
+
+    def unpack(self, tree: Any, into: Callable[..., Any] | None = None, many: bool = False) -> Any:
+        """:func:`~implicit_diffusion.runtime.state.unpack` of a record in the saved state (``into(**value)``
+        when given: a dataclass; with ``many``, a list of them), a malformed one being a one-line
+        DataError naming the file."""
+        def build(value: Any) -> Any:
+            if not isinstance(value, dict):
+                raise DataError(f"expected a packed {into.__name__}, got {type(value).__name__}")
+            return into(**value)
+
+        try:
+            value = unpack(tree, self.state[0])
+            if into is None:
+                return value
+            if not many:
+                return build(value)
+            if not isinstance(value, list):
+                raise DataError(f"expected a packed list of {into.__name__}, got {type(value).__name__}")
+            return [build(v) for v in value]
+        except DataError as e:
+            raise DataError(f"{self.source}: {e}") from None
+        except TypeError as e:  # into(**value) with other fields
+            raise DataError(f"{self.source}: a packed record does not fit {into.__name__}: {e}") from None
 
     @property
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -159,9 +294,11 @@ class Checkpoints:
         return self.resumed[0], self.resumed[1]["state"]
 
     def save(self, done: int, x: Tensor, state_fn: StateFn) -> None:
-        tensors, state = state_fn(done, x)  # recorders flush to the metrics file here
+        # the recorders' state, records they still hold included: taking it writes no record, so the
+        # metrics file does not depend on when checkpoints are taken (runtime.recording.OrderedSink)
+        tensors, state = state_fn(done, x)
         meta = {"experiment": self.experiment, "step": done, "config": config_to_dict(self.config),
-                "metrics_offset": self.metrics_position(), "state": state}
+                "metrics_offset": self.metrics_position(), "state": state, "data": dict(self._data)}
         save_checkpoint(self.path, tensors, meta)
 
     def callback(self, state_fn: StateFn) -> Callable[[int, Tensor, dict], None]:
@@ -205,6 +342,9 @@ class NoCheckpoints:
 
     start = 0
     resumed = None
+
+    def bind_data(self, name: str, value: Any, where: str) -> None:
+        pass  # nothing is saved: nothing to compare with
 
     def callback(self, state_fn: StateFn) -> Callable[[int, Tensor, dict], None]:
         return lambda k, x, stats: None

@@ -11,6 +11,7 @@ allowed values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import types
@@ -25,72 +26,186 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..errors import ConfigError
+from .validation import check_value, clip, short
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 
-__all__ = ["CONFIG_SUFFIXES", "build_config", "load_config_file", "parse_overrides", "config_to_dict", "config_to_toml"]
+__all__ = ["CONFIG_SUFFIXES", "MAX_DEPTH", "MAX_FILE_BYTES", "build_config", "load_config_file", "parse_overrides",
+           "config_to_dict", "config_to_toml"]
 
 C = TypeVar("C")
+
+
+MAX_FILE_BYTES = 1_000_000  # a settings file is a few hundred bytes; this bounds the time and memory of parsing
+MAX_OVERRIDE_CHARS = 100_000  # one --set key=value
+MAX_DEPTH = 8  # nesting levels of a file (the mapping is 1; a list value 2); settings need 2
+MAX_INT_CHARS = 1_000  # characters of an integer literal in YAML (settings hold integers below 2**63)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a flat mapping of settings from a ``.toml`` or ``.yaml``/``.yml`` file.
 
-    Both parsers are safe: TOML is data only, and YAML goes through ``yaml.safe_load`` (no tags
-    that construct Python objects). Values are checked later by :func:`build_config`.
+    Both parsers are safe: TOML is data only, and YAML goes through a subclass of
+    ``yaml.SafeLoader`` (no tags that construct Python objects) that also refuses aliases and
+    anchors (an alias bomb expands to gigabytes), duplicate keys (as TOML does) and integers of more
+    than 1,000 characters. Files are at most 1 MB (:data:`MAX_FILE_BYTES`) and nested at most
+    :data:`MAX_DEPTH` levels deep. Values are checked later by :func:`build_config`.
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {short(str(path), 300)} does not exist")
     suffix = path.suffix.lower()
     if suffix not in CONFIG_SUFFIXES:
-        raise ConfigError(f"config file {str(path)!r}: expected one of {', '.join(CONFIG_SUFFIXES)}, got {suffix!r}")
+        raise ConfigError(f"config file {short(str(path), 300)}: expected one of {', '.join(CONFIG_SUFFIXES)}, "
+                          f"got {short(suffix)}")
+    with path.open("rb") as f:  # read at most the bound (st_size may lie: a pipe, a growing file)
+        raw = f.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        size = max(path.stat().st_size, len(raw))
+        raise ConfigError(f"config file {short(str(path), 300)} has {size:,} bytes; a settings file may have at most "
+                          f"{MAX_FILE_BYTES:,}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {short(str(path), 300)} is not valid UTF-8 text: {e}") from None
     if suffix == ".toml":
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+        data = _parse_toml(text, f"config file {short(str(path), 300)}")
     else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
-        if data is None:
-            data = {}
+        data = _parse_yaml(text, f"config file {short(str(path), 300)}")
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise ConfigError(f"config file {str(path)!r} must hold a flat mapping of setting names to values, "
+        raise ConfigError(f"config file {short(str(path), 300)} must hold a flat mapping of setting names to values, "
                           f"got {type(data).__name__}")
     return data
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """``["lr=0.05", "optimizer=adam"]`` → ``{"lr": 0.05, "optimizer": "adam"}`` (values parsed as TOML)."""
+    """``["lr=0.05", "optimizer=adam"]`` → ``{"lr": 0.05, "optimizer": "adam"}`` (values parsed as TOML,
+    at most :data:`MAX_OVERRIDE_CHARS` characters and :data:`MAX_DEPTH` − 1 levels of lists)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"override {item!r} must have the form key=value")
+            raise ConfigError(f"override {short(item)} must have the form key=value")
+        if len(item) > MAX_OVERRIDE_CHARS:
+            raise ConfigError(f"override {short(item)} is too long: at most {MAX_OVERRIDE_CHARS:,} characters")
         raw = raw.strip()
         try:
-            out[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
+            out[key] = _parse_toml(f"v = {raw}", f"override {short(item)}", bare_words=True)["v"]
+        except _BareWord:
             out[key] = raw  # a bare word: a string such as optimizer=adam
     return out
 
 
+class _BareWord(Exception):
+    """Not a TOML literal: the override's value is taken as a string."""
+
+
+def _parse_toml(text: str, where: str, *, bare_words: bool = False) -> dict[str, Any]:
+    """``tomllib.loads`` with its failures as one-line ConfigErrors (``bare_words``: a syntax error
+    raises :class:`_BareWord` instead), and the depth bounded."""
+    try:
+        data = tomllib.loads(text)
+    except RecursionError:  # tomllib recurses once per level of nested arrays or inline tables
+        raise ConfigError(f"{where} is nested more than {MAX_DEPTH} levels deep; settings are numbers, strings, "
+                          f"booleans or flat lists") from None
+    except tomllib.TOMLDecodeError as e:
+        if bare_words:
+            raise _BareWord from None
+        raise ConfigError(f"{where} is not valid TOML: {e}") from None
+    except ValueError:  # Python's limit on int-string conversion (4,300 digits)
+        raise ConfigError(f"{where} holds an integer too long to read; settings hold integers of magnitude "
+                          f"< 2**63") from None
+    _check_depth(data, where)
+    return data
+
+
+def _check_depth(data: Any, where: str) -> None:
+    """Refuse values nested more than :data:`MAX_DEPTH` levels (iteratively: no recursion to exhaust)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"{where} is nested more than {MAX_DEPTH} levels deep; settings are numbers, "
+                                  f"strings, booleans or flat lists")
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    import yaml
+
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {clip(' '.join(str(e).split()), 300)}") from None
+    except (ValueError, TypeError, OverflowError) as e:  # a tagged or dated scalar no constructor can build
+        raise ConfigError(f"{where} is not valid YAML: {type(e).__name__}: {clip(' '.join(str(e).split()), 300)}") \
+            from None
+    except RecursionError:  # pragma: no cover - the composer's depth bound stops nesting first
+        raise ConfigError(f"{where} is nested more than {MAX_DEPTH} levels deep") from None
+    return {} if data is None else data
+
+
+@functools.lru_cache(maxsize=1)
+def _yaml_loader() -> type:
+    """A ``yaml.SafeLoader`` that refuses aliases, anchors, duplicate keys, deep nesting and huge integers."""
+    import yaml
+    from yaml.composer import ComposerError
+    from yaml.constructor import ConstructorError
+
+    class SettingsLoader(yaml.SafeLoader):
+        _depth = 0
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise ComposerError(None, None, "aliases and anchors (*name, &name) are not allowed in a "
+                                    "settings file", event.start_mark)
+            if self._depth >= MAX_DEPTH:
+                raise ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.value in seen:
+                        raise ConstructorError(None, None, f"duplicate key {short(key_node.value)}",
+                                               key_node.start_mark)
+                    seen.add(key_node.value)
+            return super().construct_mapping(node, deep=deep)
+
+        def construct_yaml_int(self, node):
+            if len(node.value) > MAX_INT_CHARS:
+                raise ConstructorError(None, None, f"an integer of {len(node.value):,} characters; settings hold "
+                                       f"integers of magnitude < 2**63", node.start_mark)
+            return super().construct_yaml_int(node)
+
+    SettingsLoader.add_constructor("tag:yaml.org,2002:int", SettingsLoader.construct_yaml_int)
+    return SettingsLoader
+
+
 def build_config(cls: type[C], *sources: Mapping[str, Any]) -> C:
-    """Defaults of ``cls``, updated by each mapping in turn, validated and frozen."""
+    """Defaults of ``cls``, updated by each mapping in turn, validated and frozen.
+
+    Each value is checked against the rules of every field
+    (:func:`~implicit_diffusion.runtime.validation.check_value`: finite numbers, integers within
+    int64, a bounded ``seed`` and ``num_threads``, strings of at most 4,096 characters) and its
+    field's type, then the dataclass's ``__post_init__`` checks the key-specific bounds.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for source in sources:
         for key, value in source.items():
             if key not in fields:
-                raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
+                raise ConfigError(f"unknown config key {short(key)}; valid keys: {', '.join(sorted(fields))}")
+            check_value(key, value, hints[key], allow_inf=bool(fields[key].metadata.get("allow_inf")))
             values[key] = _coerce(key, value, hints[key])
     try:
         return cls(**values)
@@ -140,7 +255,7 @@ def _non_none(tp: Any) -> Any:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     def bad() -> ConfigError:
-        return ConfigError(f"config key {key!r}: expected {_describe(tp)}, got {value!r}")
+        return ConfigError(f"config key {key!r}: expected {_describe(tp)}, got {short(value)}")
 
     origin = get_origin(tp)
     if _is_optional(tp):

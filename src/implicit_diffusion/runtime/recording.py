@@ -5,6 +5,12 @@ Callbacks have the signature ``callback(k, particles, stats)`` and run after θ 
 preallocated buffer and leave it in blocks, so the loop never waits on a host synchronisation.
 Every recorder has ``state(prefix)`` / ``load_state(tensors, meta, prefix)`` for checkpoints
 (:func:`~implicit_diffusion.runtime.state.state_of`).
+
+**Order.** A run's recorders share one :class:`OrderedSink`, so that ``metrics.jsonl`` holds the
+records in the order they were made (step order), whatever ``checkpoint_every`` is and whether
+the run was interrupted and resumed: a recorder that keeps records back (per-step rewards, which
+leave the device in blocks) hands them over before any later record is written, and at each
+checkpoint (so a stopped run's file is complete up to its checkpoint).
 """
 
 from __future__ import annotations
@@ -19,16 +25,65 @@ from torch import Tensor
 
 from .state import pack, unpack
 
-__all__ = ["EvalRecorder", "RewardRecorder", "RunningMean"]
+__all__ = ["EvalRecorder", "OrderedSink", "RewardRecorder", "RunningMean"]
 
 Sink = Callable[[list[dict]], None]
+
+
+class OrderedSink:
+    """The one way a run's records reach its metrics sink: in the order they were made.
+
+    A recorder that keeps records back registers its ``flush`` with :meth:`hold`; before any
+    record is written, the held recorder hands over everything it has recorded, so the sink sees
+    the records in the order an unbuffered run would write them (``{"step": 9, "reward": …}``
+    before the evaluation after update 9, ``{"step": 10, …}``). What is held goes out only when a
+    block fills, when another record is written, when a checkpoint is taken or at the end
+    (:meth:`flush`); whichever it is, every record follows those made before it, so
+    ``metrics.jsonl`` is the same, byte for byte, with checkpoints every N updates or none, and
+    after a resume.
+
+    >>> lines = []
+    >>> sink = OrderedSink(lines.extend)
+    >>> rewards = RewardRecorder(4, sink)  # registers itself: its sink is an OrderedSink
+    >>> for k in range(2):
+    ...     rewards(k, None, {"reward": 0.5 * k})
+    >>> sink([{"step": 2, "exact_reward": 1.0}])  # an evaluation after update 1
+    >>> [r["step"] for r in lines]
+    [0, 1, 2]
+    """
+
+    def __init__(self, sink: Sink):
+        self._sink = sink
+        self._held: Callable[[], None] | None = None
+
+    def hold(self, flush: Callable[[], None]) -> Sink:
+        """Register the ``flush`` of the recorder that keeps records back; returns the sink that
+        ``flush`` writes to (the wrapped one: its own records must not trigger it again). One per
+        sink: with two, each would hold the other's records out of order."""
+        if self._held is not None:
+            raise ValueError("this OrderedSink already has a recorder that holds records back; give the "
+                             "second one its own sink")
+        self._held = flush
+        return self._sink
+
+    def flush(self) -> None:
+        """Have the held recorder hand over everything it has recorded."""
+        if self._held is not None:
+            self._held()
+
+    def __call__(self, records: list[dict]) -> None:
+        self.flush()
+        if records:
+            self._sink(records)
 
 
 class RewardRecorder:
     """Keeps ``stats["reward"]`` of every step; hands ``{"step", "reward"}`` records to ``sink`` per block.
 
     The buffer moves to the device of the first reward tensor it is given, so recording a step
-    does not wait for the device; only a block's hand-over reads the values back."""
+    does not wait for the device; only a block's hand-over reads the values back. With an
+    :class:`OrderedSink` as ``sink``, the recorder registers with it, and so also hands its
+    records over before any other record is written (step order)."""
 
     def __init__(self, num_steps: int, sink: Sink, *, block: int = 1000, dtype: torch.dtype = torch.float32):
         self._buf = torch.full((num_steps,), float("nan"), dtype=dtype)
@@ -36,6 +91,8 @@ class RewardRecorder:
         self._block = block
         self._flushed = 0
         self.count = 0  # steps recorded so far
+        if isinstance(sink, OrderedSink):
+            self._sink = sink.hold(self.flush)
 
     def __call__(self, k: int, x: Tensor, stats: dict) -> None:
         value = stats["reward"]
@@ -58,16 +115,23 @@ class RewardRecorder:
         return self._buf.double().cpu().numpy().copy()
 
     def state(self, prefix: str = "rewards") -> tuple[dict[str, Tensor], dict]:
-        """Checkpoint: everything recorded so far (handed to the sink first, so the metrics file
-        is complete up to here)."""
+        """Checkpoint: everything recorded so far, handed to the sink first, so that the metrics
+        file of a run that is stopped and never resumed is complete up to here. Through an
+        :class:`OrderedSink` this does not change the file's order (every record is in step order
+        whenever the held ones go out), so the file is the same with checkpoints or without."""
         self.flush()
-        return {prefix: self._buf[: self.count].clone()}, {"count": self.count}
+        return {prefix: self._buf[: self.count].clone()}, {"count": self.count, "flushed": self._flushed}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str = "rewards") -> None:
-        """Resume: the steps recorded before the checkpoint, already in the metrics file."""
+        """Resume: the steps recorded before the checkpoint; those not yet in the metrics file go
+        out later, as in the uninterrupted run."""
         n = int(meta["count"])
         self._buf[:n] = tensors[prefix]
-        self.count = self._flushed = n
+        self.count = n
+        flushed = int(meta.get("flushed", n))  # a checkpoint of an earlier release had flushed all
+        if not 0 <= flushed <= n:
+            raise ValueError(f"'flushed' must be from 0 to the {n} steps recorded, got {flushed}")
+        self._flushed = flushed
 
 
 class EvalRecorder:

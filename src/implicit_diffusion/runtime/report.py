@@ -12,6 +12,12 @@
 
 Metric records are whatever the experiment wrote: the x axis is the first of ``step``,
 ``update``, ``sampler_steps``, ``K`` a record has (records with none are tabulated only).
+
+A damaged ``metrics.jsonl`` (a line cut by a crash, bytes that are not UTF-8, text that is not a
+JSON object, a number that is not finite — ``NaN``, an integer of 400 digits — or too large to
+plot) is read around: each such line or value is left out with a one-line warning on stderr
+naming the file and the line (``implicit-diffusion: warning: runs/a/metrics.jsonl:7: …``); a
+file with lines but none usable is one :class:`~implicit_diffusion.errors.DataError`.
 """
 
 from __future__ import annotations
@@ -19,19 +25,24 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import RunDirError
+from ..errors import DataError, RunDirError
 from ..plotting.base import COLORS, figure, running_mean
 
 __all__ = ["RunData", "Scalars", "load_run", "record_scalars", "write_report"]
 
 X_KEYS = ("step", "update", "sampler_steps", "K")
 LABEL_KEYS = ("method", "algorithm", "run", "rule", "seed")
+# beyond this, matplotlib's axis arithmetic (span × margin, tick steps) overflows; metrics.jsonl
+# also writes ±inf as ±1e308 (rundir._clean), which is not a value to plot
+PLOT_LIMIT = 1e300
+MAX_WARNINGS = 20  # per metrics file; the rest are counted in one line
 
 
 class RunData:
@@ -64,7 +75,7 @@ def load_run(path: str | Path) -> RunData:
         raise RunDirError(f"{str(path)!r} is not a run directory (no config.toml)")
     try:
         config = tomllib.loads((path / "config.toml").read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
         raise RunDirError(f"{str(path / 'config.toml')!r} is not valid TOML: {e}") from None
     info = _read_json(path / "run.json") or {}
     summary = _read_json(path / "summary.json") or {}
@@ -72,12 +83,7 @@ def load_run(path: str | Path) -> RunData:
     x_label: dict[str, str] = {}
     metrics = path / "metrics.jsonl"
     if metrics.is_file():
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash
-                continue
-            _add_record(record, series, x_label)
+        _read_metrics(metrics, series, x_label)
     figures = sorted(p.name for p in path.glob("*.png"))
     return RunData(path, info.get("experiment", "unknown experiment"), config, summary, dict(series), x_label,
                    figures)
@@ -88,7 +94,7 @@ def _read_json(path: Path) -> dict | None:
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an integer of over 4300 digits, deep nesting
         raise RunDirError(f"{str(path)!r} is not valid JSON: {e}") from None
     return value if isinstance(value, dict) else None
 
@@ -100,27 +106,108 @@ class Scalars(NamedTuple):
     x: float
     labels: list[str]  # the values of its LABEL_KEYS fields, in that order
     values: dict[str, float]  # metric name → finite number
+    skipped: tuple[str, ...] = ()  # numeric fields left out: not finite (NaN, ±inf, an int beyond float range)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: int | float) -> float | None:
+    """A number as a finite float, or None (NaN, ±inf, an integer too large for a float)."""
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def record_scalars(record) -> Scalars | None:
-    """The scalars of one ``metrics.jsonl`` record (None if it has no step axis): what ``report``
-    plots and ``--tensorboard`` writes."""
+    """The scalars of one ``metrics.jsonl`` record (None if it has no step axis, or a step that is
+    not a finite number): what ``report`` plots and ``--tensorboard`` writes. Non-numeric fields
+    (strings, lists, null) are not metrics; numbers that are not finite are named in ``skipped``."""
     if not isinstance(record, dict):
         return None
-    x_key = next((k for k in X_KEYS if isinstance(record.get(k), (int, float))), None)
-    if x_key is None:
+    x_key = next((k for k in X_KEYS if _is_number(record.get(k))), None)
+    x = None if x_key is None else _finite(record[x_key])
+    if x is None:
         return None
     labels = [str(record[k]) for k in LABEL_KEYS if record.get(k) is not None]
-    values = {k: float(v) for k, v in record.items()
-              if k not in X_KEYS and k not in LABEL_KEYS and not isinstance(v, bool)
-              and isinstance(v, (int, float)) and math.isfinite(v)}
-    return Scalars(x_key, float(record[x_key]), labels, values)
+    values: dict[str, float] = {}
+    skipped: list[str] = []
+    for key, value in record.items():
+        if key in X_KEYS or key in LABEL_KEYS or not _is_number(value):
+            continue
+        number = _finite(value)
+        if number is None:
+            skipped.append(key)
+        else:
+            values[key] = number
+    return Scalars(x_key, x, labels, values, tuple(skipped))
 
 
-def _add_record(record: dict, series, x_label) -> None:
-    scalars = record_scalars(record)
-    if scalars is None:
-        return
+def _warn(message: str) -> None:
+    print(f"implicit-diffusion: warning: {message}", file=sys.stderr)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """A value for a message (json.dumps of a 400-digit integer would fill the line)."""
+    text = json.dumps(value) if isinstance(value, float) else str(value)
+    return text if len(text) <= limit else f"{text[:12]}…({len(text)} characters)"
+
+
+def _read_metrics(path: Path, series, x_label) -> None:
+    """Add the records of ``metrics.jsonl`` to ``series``, leaving out (with a warning each) the lines
+    that cannot be read and the values that are not finite numbers; a :class:`DataError` if lines
+    are there but none can be used."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")  # JSON Lines: only a newline ends a record (json.dumps escapes the others)
+    if lines[-1] == b"":
+        lines.pop()
+    problems: list[tuple[int, str]] = []  # (line number, what is wrong with it)
+    used = 0
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            problems.append((number, f"not UTF-8 text (byte {e.start + 1} of the line); line skipped"))
+            continue
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, an integer of over 4300 digits, nesting
+            cut = number == len(lines) and not data.endswith(b"\n")
+            why = "cut off (the run stopped while writing it?)" if cut else f"not JSON ({' '.join(str(e).split())})"
+            problems.append((number, f"{why}; line skipped"))
+            continue
+        if not isinstance(record, dict):
+            problems.append((number, f"a JSON {type(record).__name__}, not a record (an object); line skipped"))
+            continue
+        x_key = next((k for k in X_KEYS if _is_number(record.get(k))), None)
+        x = None if x_key is None else _finite(record[x_key])
+        if x_key is not None and (x is None or abs(x) > PLOT_LIMIT):
+            problems.append((number, f"{x_key} = {_short(record[x_key])} is not a finite number "
+                                     f"(or beyond ±{PLOT_LIMIT:g}); record skipped"))
+            continue
+        used += 1
+        scalars = record_scalars(record)
+        if scalars is None:  # no step axis: tabulated nowhere, plotted never
+            continue
+        bad = [*scalars.skipped, *(k for k, v in scalars.values.items() if abs(v) > PLOT_LIMIT)]
+        problems += [(number, f"{key!r} = {_short(record[key])} is not a finite number (or beyond "
+                              f"±{PLOT_LIMIT:g}); value skipped") for key in bad]
+        _add_record(scalars._replace(values={k: v for k, v in scalars.values.items() if k not in bad}),
+                    series, x_label)
+    if problems and not used:
+        first, why = problems[0]
+        raise DataError(f"{str(path)!r} has no usable record: {len(problems)} bad line(s), the first, "
+                        f"line {first}: {why.rsplit('; ', 1)[0]}")
+    for number, why in problems[:MAX_WARNINGS]:
+        _warn(f"{path}:{number}: {why}")
+    if len(problems) > MAX_WARNINGS:
+        _warn(f"{path}: {len(problems) - MAX_WARNINGS} more lines or values skipped")
+
+
+def _add_record(scalars: Scalars, series, x_label) -> None:
     label = ", ".join(scalars.labels)
     for key, value in scalars.values.items():
         xs, ys = series[key].setdefault(label, ([], []))
@@ -173,7 +260,7 @@ def _plot_metric(path: Path, metric: str, runs: list[tuple[str, RunData]]) -> No
         else:
             ax.plot(x, y, color=color, linewidth=1.4, marker="." if len(y) < 60 else None, label=label)
     positive = bool((all_y > 0).all())
-    if positive and all_y.max() / all_y.min() > 100:
+    if positive and np.log10(all_y.max()) - np.log10(all_y.min()) > 2:  # a ratio could overflow
         ax.set_yscale("log")
     x_keys = {run.x_label.get(metric, "step") for _, run in runs}
     ax.set_xlabel(" / ".join(sorted(x_keys)))

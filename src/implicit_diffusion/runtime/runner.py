@@ -11,11 +11,12 @@ from pathlib import Path
 from types import ModuleType
 
 from .. import distributed
-from ..errors import ConfigError, RunDirError
+from ..errors import ConfigError, DataError, RunDirError
 from ..serialization import atomic_write_text
-from .checkpoints import CHECKPOINT_FILE, Checkpoints, load_checkpoint
+from .checkpoints import CHECKPOINT_FILE, Checkpoints, check_meta, load_checkpoint
 from .config import build_config, config_to_dict, config_to_toml, load_config_file
 from .lock import RunDirLock
+from .memory import check_config as check_memory
 from .rundir import MetricsWriter, prepare_run_dir
 
 __all__ = ["execute", "default_run_dir", "resume"]
@@ -47,6 +48,7 @@ def execute(experiment: ModuleType, config, run_dir: str | Path, *, name: str | 
     """
     name = name or experiment.__name__.rsplit(".", 1)[-1]
     device = _device_of(config)  # an absent device is a one-line error before the run directory is made
+    check_memory(config, shards=distributed.world_size())  # so is a run that cannot fit in memory
     if tensorboard:
         from .tensorboard import TensorBoardSink  # noqa: F401 - fail early if it is not installed
     if distributed.active():
@@ -142,16 +144,18 @@ def _resume_locked(run_dir: Path, experiments: dict[str, ModuleType], device: st
         raise RunDirError(f"no checkpoint in {str(run_dir)!r}: nothing to resume (runs write one every "
                           f"--checkpoint-every N updates, and on Ctrl-C)")
     tensors, meta = load_checkpoint(path)
-    name = meta.get("experiment")
-    if name not in experiments:
-        raise RunDirError(f"checkpoint in {str(run_dir)!r} is for unknown experiment {name!r}; "
-                          f"known: {', '.join(sorted(experiments))}")
+    name = check_meta(meta, path, experiments)["experiment"]  # the record's schema, before anything reads it
+    made_by = _run_info_experiment(run_dir)
+    if made_by is not None and made_by != name:  # e.g. another run's checkpoint copied in
+        raise DataError(f"checkpoint {str(path)!r} is of experiment {name!r}, but the run in {str(run_dir)!r} "
+                        f"is of {made_by!r} (its run.json): it is another run's checkpoint")
     experiment = experiments[name]
     on_device = {} if device is None else {"device": device}
     if on_device and not hasattr(experiment.Config, "device"):
         raise ConfigError(f"experiment {name!r} has no device setting")
     config = build_config(experiment.Config, load_config_file(run_dir / "config.toml"), on_device)
     _device_of(config)
+    check_memory(config)
     # keys a checkpoint of an earlier release does not have read as their defaults (device, dtype)
     defaults = config_to_dict(experiment.Config())
     if {**config_to_dict(config), **on_device} != {**defaults, **meta["config"], **on_device}:
@@ -171,6 +175,18 @@ def _resume_locked(run_dir: Path, experiments: dict[str, ModuleType], device: st
     result, files = _run(experiment, config, run_dir, name, resumed=(tensors, meta),
                          tensorboard=(run_dir / "tensorboard").is_dir())
     return name, config, result, files
+
+
+def _run_info_experiment(run_dir: Path) -> str | None:
+    """The experiment ``run.json`` says made ``run_dir`` (None without a readable one: an earlier release)."""
+    import json
+
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = info.get("experiment") if isinstance(info, dict) else None
+    return name if isinstance(name, str) else None
 
 
 class _Sinks:

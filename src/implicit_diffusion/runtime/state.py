@@ -24,11 +24,20 @@ another is re-seeded from a hash of the saved state — deterministic, the same 
 same draws — with a :class:`CrossDeviceResume` warning
 (:func:`~implicit_diffusion.serialization.load_generator_state`). On the same device type, bit
 for bit.
+
+**Validation.** :func:`load_state_of` first checks the saved state against the live objects
+(:func:`~.state_checks.check_state_of`): every tensor a module, optimizer or generator will receive must be
+there, with the live object's shape and dtype, nothing unexpected may lie under the prefix,
+and every part's JSON record must be of the right kind. A checkpoint that fails is a one-line
+:class:`~implicit_diffusion.errors.DataError` ("checkpoint PATH: tensor 'theta' has shape (3,),
+the run's is (6,)") raised before anything is loaded. Objects with ``load_state`` (recorders,
+algorithms) are checked again after loading: what they then save must be what was saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import DataError
 from ..serialization import (
     CrossDeviceResume,
     load_generator_state,
@@ -44,14 +54,13 @@ from ..serialization import (
     strip_prefix,
     with_prefix,
 )
+from .state_checks import _claims, _has_state, _is_scheduler, _same, _shape, check_like, check_state_of
+from .validation import short
 
-__all__ = ["CrossDeviceResume", "load_state_of", "pack", "state_of", "unpack"]
+__all__ = ["CrossDeviceResume", "check_like", "check_state_of", "fingerprint", "load_state_of", "pack", "state_of",
+           "unpack"]
 
 _PLAIN = (bool, int, str, type(None))
-
-
-def _is_scheduler(obj: Any) -> bool:
-    return isinstance(obj, torch.optim.lr_scheduler.LRScheduler)
 
 
 def state_of(parts: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -89,8 +98,15 @@ def state_of(parts: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Tens
 
 
 def load_state_of(parts: Mapping[str, Any], tensors: Mapping[str, Tensor], meta: Mapping[str, Any],
-                  prefix: str = "") -> None:
-    """Inverse of :func:`state_of` (with the same ``prefix``): restore every part in place."""
+                  prefix: str = "", *, like: Mapping[str, Tensor | None] | None = None,
+                  source: str = "checkpoint", exhaustive: bool = False) -> None:
+    """Inverse of :func:`state_of` (with the same ``prefix``): restore every part in place, after
+    :func:`check_state_of` (``like``, ``source``, ``exhaustive``: see there; a run's checkpoint is
+    restored exhaustively, by :meth:`~implicit_diffusion.runtime.checkpoints.Checkpoints.restore`,
+    while a caller may restore some parts only) found the saved state fits them.
+    An object with ``load_state`` that fails on its record, or that afterwards would save other
+    tensors than those saved, is a :class:`~implicit_diffusion.errors.DataError` too."""
+    check_state_of(parts, tensors, meta, prefix, like=like, source=source, exhaustive=exhaustive)
     for name, part in parts.items():
         full = prefix + name
         if part is None:
@@ -105,10 +121,48 @@ def load_state_of(parts: Mapping[str, Any], tensors: Mapping[str, Tensor], meta:
             saved = meta.get(name)
             device = saved.get("device", "cpu") if isinstance(saved, Mapping) else "cpu"
             load_generator_state(part, tensors[full], device)
-        elif hasattr(part, "load_state"):
-            part.load_state(tensors, meta[name], full)
+        elif _has_state(part):
+            _load_checked(part, name, full, tensors, meta[name], source,
+                          {k for k in tensors if _claims(parts, prefix, k) == name})
         else:
             raise TypeError(f"part {name!r}: cannot load a {type(part).__name__}")
+
+
+def _load_checked(part: Any, name: str, full: str, tensors: Mapping[str, Tensor], record: Mapping,
+                  source: str, owned: set[str]) -> None:
+    """``part.load_state``; then what it would save must be what was saved (names, shapes, dtypes)."""
+    try:
+        part.load_state(tensors, record, full)
+        again, _ = part.state(full)
+    except DataError as e:
+        raise DataError(f"{source}: part {name!r}: {e}") from None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise DataError(f"{source}: part {name!r} cannot be restored from its record "
+                        f"({type(e).__name__}: {detail})") from None
+    for key in sorted(owned - set(again)):
+        raise DataError(f"{source}: unexpected tensor {key!r} (the run's {name!r} has no such state)")
+    for key in sorted(again):
+        if key not in tensors:
+            raise DataError(f"{source}: tensor {key!r} is missing")
+        _same(source, key, tensors[key], again[key])
+
+
+def fingerprint(value: Tensor | Mapping[str, Tensor]) -> str:
+    """SHA-256 (hex) of a tensor's dtype, shape and bytes, or of named tensors in name order: what a
+    checkpoint records of the data (or weights) its run started from.
+
+    >>> a = fingerprint(torch.zeros(2))
+    >>> a == fingerprint(torch.zeros(2)), a == fingerprint(torch.zeros(3)), a == fingerprint(torch.zeros(2).double())
+    (True, False, False)
+    """
+    h = hashlib.sha256()
+    items = sorted(value.items()) if isinstance(value, Mapping) else [("", value)]
+    for name, t in items:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def pack(value: Any, name: str) -> tuple[dict[str, Tensor], list]:
@@ -151,21 +205,37 @@ def _pack(value: Any, name: str, tensors: dict[str, Tensor]) -> list:
 
 
 def unpack(tree: list, tensors: Mapping[str, Tensor]) -> Any:
-    """Inverse of :func:`pack`: the value, with arrays as NumPy arrays and floats as Python floats."""
+    """Inverse of :func:`pack`: the value, with arrays as NumPy arrays and floats as Python floats.
+    A tree that :func:`pack` cannot have made (another shape, a missing tensor) is a
+    :class:`~implicit_diffusion.errors.DataError` naming the offending node."""
+    if not (isinstance(tree, (list, tuple)) and len(tree) == 2 and isinstance(tree[0], str)):
+        raise DataError(f"malformed packed record {short(tree)}: expected [kind, payload]")
     kind, payload = tree
-    if kind == "tensor":
-        return tensors[payload]
-    if kind == "array":
-        return tensors[payload].numpy().copy()
-    if kind == "float":
-        return float(tensors[payload])
-    if kind == "floats":
-        return tensors[payload].tolist()
+    if kind in ("tensor", "array", "float", "floats"):
+        if not isinstance(payload, str) or payload not in tensors:
+            raise DataError(f"packed record names tensor {short(payload)}, which is missing")
+        t = tensors[payload]
+        if kind == "tensor":
+            return t
+        if kind == "array":
+            if t.dtype == torch.bfloat16:
+                raise DataError(f"tensor {payload!r} of a packed record has dtype {t.dtype}, not a NumPy one")
+            return t.numpy().copy()
+        if t.ndim != (0 if kind == "float" else 1) or not t.is_floating_point():
+            raise DataError(f"tensor {payload!r} of a packed record has shape {_shape(t)} ({t.dtype}); "
+                            f"expected a {'scalar' if kind == 'float' else 'vector'} of floats")
+        return float(t) if kind == "float" else t.tolist()
     if kind == "json":
         return payload
     if kind == "dict":
+        if not isinstance(payload, list) or not all(
+                isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], (str, int, float, type(None)))
+                for e in payload):
+            raise DataError(f"malformed packed dict {short(payload)}: expected [[key, record], ...]")
         return {k: unpack(v, tensors) for k, v in payload}
     if kind in ("list", "tuple"):
+        if not isinstance(payload, list):
+            raise DataError(f"malformed packed {kind} {short(payload)}: expected a list of records")
         items = [unpack(v, tensors) for v in payload]
         return items if kind == "list" else tuple(items)
-    raise ValueError(f"unknown packed kind {kind!r}")
+    raise DataError(f"unknown packed kind {kind!r}")
