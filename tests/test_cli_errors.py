@@ -89,3 +89,34 @@ def test_checkpoints_under_torchrun_are_refused_before_anything_is_written(tmp_p
     with pytest.raises(ConfigError, match="'checkpoint_every' must be 0 under torchrun .* got 10"):
         runner.execute(experiment, config, tmp_path / "r", name="langevin-mixture")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_bad_input_found_once_the_run_began_leaves_no_run_directory(tmp_path, capsys):
+    """A data file refused after the run directory was made (set-up only: run.json, config.toml, an
+    empty metrics.jsonl) is removed again, so the same --out can be used at once; an existing empty
+    directory given as --out is kept, emptied."""
+    bad = tmp_path / "bad.npy"
+    bad.write_text("not numpy")
+    out = tmp_path / "r"
+    assert main(["pretrain", "images", "--data", str(bad), "--no-progress", "--out", str(out)]) == 2
+    assert "is not a .npy file" in _one_line(capsys.readouterr().err)
+    assert not out.exists()
+    out.mkdir()
+    assert main(["pretrain", "images", "--data", str(bad), "--no-progress", "--out", str(out)]) == 2
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_a_run_that_recorded_something_keeps_its_directory_after_a_bad_input(tmp_path, capsys, monkeypatch):
+    from implicit_diffusion.errors import DataError
+
+    experiment = EXPERIMENTS["langevin-mixture"]
+
+    def fails_after_recording(config, *, metrics_sink=None, **kwargs):
+        metrics_sink([{"step": 0, "reward": 1.0}])
+        raise DataError("deliberate, after a record")
+
+    monkeypatch.setattr(experiment, "run", fails_after_recording)
+    out = tmp_path / "r"
+    assert main(["run", "langevin-mixture", *TINY, "--out", str(out)]) == 2
+    assert (out / "metrics.jsonl").read_text().strip() == '{"step": 0, "reward": 1.0}'
+    assert {"run.json", "config.toml"} <= {p.name for p in out.iterdir()}

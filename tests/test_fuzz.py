@@ -1,7 +1,8 @@
 """Fuzzing (hypothesis) the surfaces users touch: bad configs and CLI arguments must end in the
 project's one-line error with exit code 2; bad user callables in the documented exceptions
-naming the function; damaged checkpoint bytes in DataError. 6 tests × 50 examples = 300
-generated bad inputs per run, derandomized so CI is reproducible."""
+naming the function; damaged checkpoint bytes, fuzzed checkpoint records and model files in
+DataError; hostile values in any field of any experiment in a ConfigError or a config that writes
+valid TOML. Derandomized so CI is reproducible."""
 
 from __future__ import annotations
 
@@ -135,6 +136,52 @@ def test_config_files_of_any_text_load_or_raise_config_error(tmp_path, text, suf
     except ConfigError:
         pass
 
+
+
+hostile_scalars = (st.integers() | st.integers(min_value=2**62, max_value=2**80) | st.floats()
+                   | st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e300, 10**400, 2**64])
+                   | st.text(max_size=30) | st.booleans() | st.none())
+hostile_values = st.recursive(hostile_scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=12)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(CONFIGS)), st.data())
+def test_hostile_values_in_any_field_are_config_errors_or_configs_that_write_valid_toml(tmp_path, name, data):
+    """Values of any type and size (NaN, ±inf, 1e300, integers past int64 and past Python's
+    4,300-digit printing limit, nested lists, None) in any field of any experiment, from a YAML
+    file and from ``--set``: either a one-line ConfigError, or a config whose written
+    ``config.toml`` reads back to the same config (the file a resume reads)."""
+    import yaml
+
+    from implicit_diffusion.runtime.config import config_to_toml, load_config_file
+
+    cls = CONFIGS[name]
+    key = data.draw(st.sampled_from([f.name for f in dataclasses.fields(cls)]))
+    value = data.draw(hostile_values)
+
+    def one_line(e: ConfigError) -> bool:
+        return "\n" not in str(e) and len(str(e)) < 2_000
+
+    sources = []
+    try:
+        sources.append(parse_overrides([f"{key}={_toml(value)}"]))
+    except ValueError:  # no TOML literal here: None, or an integer too long for repr
+        pass
+    except ConfigError as e:
+        assert one_line(e)
+    (tmp_path / "hostile.yaml").write_text(yaml.safe_dump({key: value}), encoding="utf-8")
+    try:
+        sources.append(load_config_file(tmp_path / "hostile.yaml"))
+    except ConfigError as e:
+        assert one_line(e)
+    for source in sources:
+        try:
+            config = build_config(cls, source)
+        except ConfigError as e:
+            assert one_line(e), str(e)[:200]
+            continue
+        (tmp_path / "config.toml").write_text(config_to_toml(config))
+        assert build_config(cls, load_config_file(tmp_path / "config.toml")) == config
 
 # --- user callables ---------------------------------------------------------------------------
 

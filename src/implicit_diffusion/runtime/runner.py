@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .. import distributed
-from ..errors import ConfigError, DataError, RunDirError
+from ..errors import ConfigError, DataError, ImplicitDiffusionError, RunDirError
 from ..serialization import atomic_write_text
 from .checkpoints import CHECKPOINT_FILE, Checkpoints, check_meta, load_checkpoint
 from .config import build_config, config_to_dict, config_to_toml, load_config_file
@@ -53,11 +53,35 @@ def execute(experiment: ModuleType, config, run_dir: str | Path, *, name: str | 
         from .tensorboard import TensorBoardSink  # noqa: F401 - fail early if it is not installed
     if distributed.active():
         return _execute_sharded(experiment, config, run_dir, name, tensorboard, device)
+    created = not Path(run_dir).exists()
     run_dir = prepare_run_dir(run_dir)
-    with RunDirLock(run_dir):  # one process per run directory (a concurrent resume is refused)
-        _write_run_info(run_dir, name, device)
-        atomic_write_text(run_dir / "config.toml", config_to_toml(config))
-        return _run(experiment, config, run_dir, name, resumed=None, tensorboard=tensorboard)
+    try:
+        with RunDirLock(run_dir):  # one process per run directory (a concurrent resume is refused)
+            _write_run_info(run_dir, name, device)
+            atomic_write_text(run_dir / "config.toml", config_to_toml(config))
+            return _run(experiment, config, run_dir, name, resumed=None, tensorboard=tensorboard)
+    except ImplicitDiffusionError:
+        _discard_if_unstarted(run_dir, created)
+        raise
+
+
+_SET_UP_FILES = {"run.json", "config.toml", "metrics.jsonl", ".lock"}
+
+
+def _discard_if_unstarted(run_dir: Path, created: bool) -> None:
+    """After a bad input found once the run had begun (a data file, a model that does not fit the
+    experiment) and before it recorded anything, remove what :func:`execute` wrote, so the same
+    ``--out`` can be used again; a directory holding anything else (a metric, a checkpoint, a
+    figure) is kept as it is."""
+    names = {p.name for p in run_dir.iterdir()}
+    metrics = run_dir / "metrics.jsonl"
+    if not names <= _SET_UP_FILES or (metrics.exists() and metrics.stat().st_size > 0):
+        return
+    for name in names:
+        (run_dir / name).unlink(missing_ok=True)
+    if created:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
 
 
 def _device_of(config) -> str | None:
