@@ -294,8 +294,8 @@ class Checkpoints:
         return self.resumed[0], self.resumed[1]["state"]
 
     def save(self, done: int, x: Tensor, state_fn: StateFn) -> None:
-        # the recorders' state, records they still hold included: taking it writes no record, so the
-        # metrics file does not depend on when checkpoints are taken (runtime.recording.OrderedSink)
+        # the recorders' state: a recorder holding records back hands them to the metrics file first, which
+        # through the run's OrderedSink keeps the file in step order (runtime.recording), then its length
         tensors, state = state_fn(done, x)
         meta = {"experiment": self.experiment, "step": done, "config": config_to_dict(self.config),
                 "metrics_offset": self.metrics_position(), "state": state, "data": dict(self._data)}
