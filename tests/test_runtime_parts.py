@@ -169,3 +169,19 @@ def test_config_checks_messages():
         one_of(_Cfg(kind="c"), "kind", ("a", "b"))
     with pytest.raises(ConfigError, match="'lr' must be < 1, got 2.0"):
         check(_Cfg(lr=2.0), "lr", lambda v: v < 1, "< 1")
+
+
+def test_status_says_what_a_long_step_does_and_how_long_it_took(capsys):
+    from implicit_diffusion.runtime.progress import status
+
+    with status("evaluating the pretrained model (4 samples, 2 steps)"):
+        sum(range(10_000))
+    err = capsys.readouterr().err
+    assert err.startswith("implicit-diffusion: evaluating the pretrained model (4 samples, 2 steps)… ")
+    assert err.rstrip().endswith(" s") and ", CPU " in err and err.count("\n") == 1
+    with pytest.raises(ZeroDivisionError), status("dividing"):
+        1 / 0
+    assert capsys.readouterr().err == "implicit-diffusion: dividing… stopped\n"
+    with status("quiet", enabled=False):
+        pass
+    assert capsys.readouterr().err == ""

@@ -174,7 +174,8 @@ def _report_command(args: argparse.Namespace) -> int:
 def _report(name, experiment, config, result, files, run_dir, start: float) -> None:
     print(f"{name} (seed {config.seed})")
     print(experiment.table(result))
-    print(f"  wall time, run and outputs (after start-up): {time.perf_counter() - start:.2f} s")
+    print(f"  wall time, run and outputs (after start-up): {time.perf_counter() - start:.2f} s "
+          f"(CPU time of this process: {time.process_time():.2f} s)")
     print(f"wrote {run_dir}/: {', '.join(files)}")
 
 

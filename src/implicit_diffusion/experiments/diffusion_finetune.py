@@ -44,7 +44,7 @@ from ..objectives.girsanov import path_kl_cost
 from ..objectives.image_rewards import IMAGE_REWARDS
 from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
 from ..runtime.guards import DivergenceGuard
-from ..runtime.progress import ProgressBar
+from ..runtime.progress import ProgressBar, status
 from ..runtime.recording import EvalRecorder, OrderedSink
 from ..runtime.state import check_state_of, pack, state_of
 from ..runtime.tables import key_values
@@ -278,9 +278,11 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
     step = DIFFUSION_STEPS[config.sampler]
     if resumed is None:
         kl0 = path_kl_cost(net, schedule, 1.0, step)
-        base, _ = evaluate(net, step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
-                           kl=kl0, generator=generator_on(device, config.seed + 1), prediction=model.prediction,
-                           dtype=precision.dtype)
+        with status(f"evaluating the pretrained model ({config.eval_samples} samples, {schedule.num_steps} steps)",
+                    enabled=config.progress and is_main()):
+            base, _ = evaluate(net, step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
+                               kl=kl0, generator=generator_on(device, config.seed + 1), prediction=model.prediction,
+                               dtype=precision.dtype)
     else:
         check_state_of({}, resumed[0], {}, like={"base": torch.empty(len(Evaluation._fields), dtype=torch.float64)},
                        source=checkpoints.source, exhaustive=False)
@@ -411,7 +413,9 @@ def _finetune(config: Config, model, net, precision: Precision, schedule, shape,
             raise DataError(f"{checkpoints.source}: meta 'state.run.written' must be from 0 to the step {first}, "
                             f"got {written}")
     else:
-        evals.record(0, None)
+        with status(f"{label}: the first evaluation ({config.eval_samples} samples) and sample grid",
+                    enabled=config.progress and is_main()):
+            evals.record(0, None)
     start = time.perf_counter()
     try:
         with ProgressBar(config.num_steps, f"finetune {label}", enabled=config.progress and is_main(), chunk=10,
