@@ -75,4 +75,6 @@ def test_list_shows_every_experiment_and_pretrain(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(f"run {name}" in out for name in EXPERIMENTS)
-    assert "pretrain DATASET" in out and "  reward_weight = 30.0" in out
+    assert "pretrain DATASET" in out
+    assert main(["list", "diffusion-finetune"]) == 0
+    assert "  reward_weight = 30.0" in capsys.readouterr().out

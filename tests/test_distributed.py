@@ -65,6 +65,7 @@ GAMMA_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_gamma_of_one_process_holding_all_particles(tmp_path):
     """Γ_R = Cov(R, ∇θV) and Γ_KL = Cov(V_θ − V_θ₀, ∇θV) need global means and counts: the
     all-reduced Γ of two halves equals the one-process Γ to float64 rounding; averaging
@@ -122,6 +123,7 @@ CONTRASTIVE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_contrastive_kl_sharded_over_two_processes_equals_one_process(tmp_path):
     """ContrastiveKL with 301 particles split 151 / 150 over 2 processes (each holds the whole
     reference): the all-reduced surrogate value β[mean_ref V − mean_x V] and its θ-gradient Γ_ref
@@ -161,6 +163,7 @@ ARGS = ["run", "langevin-mixture", "--set", "num_particles=400", "--set", "num_s
         "--set", "snapshot_steps=[0, 150]", "--set", "dtype=float64", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_a_two_process_run_matches_one_process_with_the_same_particle_blocks(tmp_path):
     """The same short fixed-seed run, sharded over 2 processes and in one process with the same 2
     particle blocks: final θ equal to float64 rounding (the all-reduce sums in another order);
@@ -181,6 +184,7 @@ def test_a_two_process_run_matches_one_process_with_the_same_particle_blocks(tmp
     assert names["sharded"] == names["one"]
 
 
+@pytest.mark.slow
 def test_a_bad_setting_stops_every_process_with_a_one_line_error(tmp_path):
     proc = torchrun(["-m", "implicit_diffusion", *ARGS, "--set", "particle_blocks=1", "--out", "bad"], tmp_path)
     assert proc.returncode != 0
@@ -233,7 +237,7 @@ QUEUE_SCRIPT = textwrap.dedent("""
         schedule = VPSchedule("ou", num_steps=3)
         X = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))  # every batch starts here
         mine = X.chunk(world_size())[rank()] if sharded else X
-        kl = GirsanovKL(model, schedule, 0.5)
+        kl = GirsanovKL(model, schedule, 0.5, prediction="score")  # the net's output taken as the score
         reward = lambda x: -((x - 1.0) ** 2).sum(-1)
         kwargs = dict(init_fn=lambda g: mine.clone(), reward_fn=reward, reward_weight=2.0, running_cost=kl,
                       max_grad_norm=0.5)
@@ -258,6 +262,7 @@ QUEUE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_queue_slots_sharded_over_two_processes_give_the_one_process_result(tmp_path):
     """The queue (pipelined and sequential adjoint) and the diffusion nested loop, with each
     batch split over 2 processes: the all-reduced mean gradient (reward and Girsanov KL, then
@@ -285,6 +290,7 @@ def test_queue_slots_sharded_over_two_processes_give_the_one_process_result(tmp_
                                    rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_diffusion_finetune_runs_sharded_and_only_rank_0_writes(tmp_path):
     args = ["-m", "implicit_diffusion", "run", "diffusion-finetune", "--set", "num_steps=6", "--set",
             "num_sampling_steps=3", "--set", "batch_size=4", "--set", "eval_every=6", "--set", "eval_samples=4",
@@ -298,6 +304,7 @@ def test_diffusion_finetune_runs_sharded_and_only_rank_0_writes(tmp_path):
     assert bad.returncode != 0 and bad.stderr.count("'batch_size' must be a multiple of 2") == 2
 
 
+@pytest.mark.slow
 def test_an_experiment_that_does_not_shard_is_refused_under_torchrun(tmp_path):
     proc = torchrun(["-m", "implicit_diffusion", "run", "rates", "--set", "num_steps=10", "--no-progress",
                      "--out", "r"], tmp_path)

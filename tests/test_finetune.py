@@ -163,6 +163,7 @@ def test_pretraining_is_reproducible_from_its_seed():
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_per_step_rewards_are_all_written_once_in_order(tiny_digits_model):
     from implicit_diffusion.experiments import diffusion_finetune as ft
 

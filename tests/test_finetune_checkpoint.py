@@ -48,6 +48,7 @@ def _algorithm(kind: str):
                running_cost=kl, prediction="epsilon", max_grad_norm=1.0, **options)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pipelined", "sequential", "nested"])
 def test_an_algorithm_reloaded_from_its_state_continues_bit_for_bit(kind, tmp_path):
     """Run 6 iterations, save ``state()`` (through a checkpoint file), load it into a freshly built
@@ -160,6 +161,7 @@ def _crashed_then_resumed(cfg: ft.Config, run_dir: Path, monkeypatch, crash_call
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["queue-pipelined", "queue-sequential", "nested-adjoint"])
 def test_a_crashed_finetuning_run_resumes_to_the_uninterrupted_result(algorithm, tiny_model, tmp_path, monkeypatch):
     """A crash at iteration 8 (after the checkpoint at 5, with the evaluation at 6 written past
@@ -178,6 +180,7 @@ def test_a_crashed_finetuning_run_resumes_to_the_uninterrupted_result(algorithm,
     _same_records(reference, result)
 
 
+@pytest.mark.slow
 def test_a_sweep_crashed_in_its_second_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_path, monkeypatch):
     """``--sweep`` over λ/β ∈ {10, 1000}: a crash at iteration 8 of the second run resumes from its
     checkpoint at 5 (the first run's results come from the checkpoint) to the uninterrupted sweep."""
@@ -190,6 +193,7 @@ def test_a_sweep_crashed_in_its_second_run_resumes_to_the_uninterrupted_result(t
     _same_records(reference, result)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_sweep_checkpoints_at_once_then_resumes(tiny_model, tmp_path, monkeypatch):
     """SIGINT during iteration 7 of the second run (in its grid at 8): the run finishes that
     iteration, writes a checkpoint after 8 (not a multiple of checkpoint_every) and stops with
@@ -232,6 +236,7 @@ def _empty_queue(tensors: dict, meta: dict) -> tuple[dict, dict]:
         **meta["state"]["run"], "algo": {**algo, "flights": [], "adjoint_steps": []}}}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lost", ["generator", "queue"])
 def test_negative_control_a_resume_that_loses_state_differs(lost, tiny_model, tmp_path, monkeypatch):
     """The comparison above can fail: resuming with the generator back at its seed, or with an
@@ -251,6 +256,7 @@ def test_negative_control_a_resume_that_loses_state_differs(lost, tiny_model, tm
     assert any(d.startswith("metrics") for d in differences) and "weights in finetuned.safetensors" in differences
 
 
+@pytest.mark.slow
 def test_checkpointing_changes_no_result_and_the_summary_comes_last(tiny_model, tmp_path, monkeypatch):
     """checkpoint_every = 5 writes checkpoints but the same metrics, summary and weights as 0. A
     crash in ``save`` (drawing the curves, after the weights) leaves no summary.json, so the run
@@ -284,6 +290,7 @@ def test_a_negative_checkpoint_interval_is_a_config_error():
         ft.Config(checkpoint_every=-1)
 
 
+@pytest.mark.slow
 def test_a_crashed_diffusers_finetuning_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """The same with a local diffusers model (the adapter's weights are θ): the UNet written back
     in diffusers' format is bit-identical to the uninterrupted run's."""

@@ -36,4 +36,6 @@ def test_an_unknown_preset_is_one_line_naming_the_available_ones(tmp_path, capsy
 
 def test_list_shows_the_presets(capsys):
     assert main(["list"]) == 0
+    assert "--preset mnist5k" in capsys.readouterr().out
+    assert main(["list", "diffusion-finetune"]) == 0
     assert "--preset mnist5k: model = 'mnist5k', num_sampling_steps = 50" in capsys.readouterr().out

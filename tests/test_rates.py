@@ -135,6 +135,7 @@ def _final_thetas(cfg: rates.Config, seeds: range, estimator=None) -> np.ndarray
     return np.stack([rates.run_single(cfg, "decreasing", s, estimator=estimator)[-1] for s in seeds])
 
 
+@pytest.mark.slow
 def test_theta_K_approaches_the_exact_optimum(seed):
     """θ_K of the decreasing rule is centred on θ*: over 16 independent seeds, per component,
     |mean θ_K − θ*| ≤ Z·sd/√16 (sd estimated from the 16 runs; a t-test with 15 degrees of freedom,

@@ -7,7 +7,9 @@ Sampling*, arXiv 2402.05468, AISTATS 2025).
 """
 
 from .algorithms import DiffusionNestedLoop, DiffusionQueue, NestedLoop, SingleLoop, make_lr_scheduler
+from .algorithms.base import Callback
 from .models import (
+    DiffusionModel,
     EnergyMLP,
     FunctionPotential,
     GaussianMixture,
@@ -17,7 +19,9 @@ from .models import (
     as_potential,
     hexagon_mixture,
 )
+from .models.diffusers_adapter import load_diffusers
 from .objectives import (
+    IMAGE_REWARDS,
     ContrastiveKL,
     Estimator,
     GirsanovKL,
@@ -26,16 +30,23 @@ from .objectives import (
     Surrogate,
     adjoint_through_sampler,
     autograd_through_sampler,
+    brightness,
     hexagon_reward,
     hexagon_reward_smooth,
+    redness,
 )
+from .pretrained.loading import load_diffusion_model
 from .samplers import DIFFUSION_STEPS, VPSchedule, ula_step
+from .samplers.diffusion import ddpm_step, euler_maruyama_step, sample
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DIFFUSION_STEPS",
+    "IMAGE_REWARDS",
+    "Callback",
     "ContrastiveKL",
+    "DiffusionModel",
     "DiffusionNestedLoop",
     "DiffusionQueue",
     "EnergyMLP",
@@ -55,9 +66,16 @@ __all__ = [
     "adjoint_through_sampler",
     "as_potential",
     "autograd_through_sampler",
+    "brightness",
+    "ddpm_step",
+    "euler_maruyama_step",
     "hexagon_mixture",
     "hexagon_reward",
     "hexagon_reward_smooth",
+    "load_diffusers",
+    "load_diffusion_model",
     "make_lr_scheduler",
+    "redness",
+    "sample",
     "ula_step",
 ]

@@ -8,7 +8,8 @@
     implicit-diffusion pretrain DATASET [--data PATH] [--trust-pickle] [same options]
     implicit-diffusion resume RUN_DIR [--device NAME]
     implicit-diffusion report RUN_DIR [RUN_DIR ...] [--out DIR]
-    implicit-diffusion list
+    implicit-diffusion list [NAME] [--markdown]
+    implicit-diffusion --version
     torchrun --nproc_per_node W -m implicit_diffusion run NAME --out DIR [...]   (particles sharded)
 
 ``--data``, ``--trust-pickle``, ``--reward``, ``--sweep``, ``--checkpoint-every``, ``--device`` and
@@ -16,7 +17,10 @@
 ``checkpoint_every``, ``device`` and ``dtype``; an experiment without such a key says so. ``resume``
 continues a run from its checkpoint, on another device with ``--device``. ``--preset NAME`` starts
 from a named set of settings of the experiment (its ``PRESETS``; ``list`` shows them), which
-``--config`` and ``--set`` then override.
+``--config`` and ``--set`` then override. ``list`` names the experiments; ``list NAME`` and ``run NAME
+--help`` (``pretrain DATASET --help``) describe every setting of one: default, meaning, unit and allowed
+values, from the config dataclass's fields (:mod:`~implicit_diffusion.runtime.settings`); ``list --markdown``
+writes docs/settings.md.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .experiments import EXPERIMENTS
     from .experiments.pretrain import DATASETS
 
     p = argparse.ArgumentParser(prog="implicit-diffusion", description="Optimization through stochastic sampling.")
+    p.add_argument("--version", action="version", version=f"implicit-diffusion {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run an experiment")
+    r = sub.add_parser("run", help="run an experiment", add_help=False)
+    r.add_argument("-h", "--help", action=_HelpWithSettings, nargs=0,
+                   help="show this help (after NAME: with every setting of the experiment) and exit")
     r.add_argument("experiment", choices=sorted(EXPERIMENTS), help="experiment name")
     r.add_argument("--preset", metavar="NAME",
                    help="start from the experiment's named settings (see `list`), e.g. diffusion-finetune "
@@ -54,11 +62,54 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="plot every metric of one or several runs, with a Markdown summary")
     rep.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run output directories (several: compared)")
     rep.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/report for one run)")
-    t = sub.add_parser("pretrain", help="train a score model by denoising score matching")
+    t = sub.add_parser("pretrain", help="train a score model by denoising score matching", add_help=False)
+    t.add_argument("-h", "--help", action=_HelpWithSettings, nargs=0,
+                   help="show this help with every setting of pretrain and exit")
     t.add_argument("dataset", choices=DATASETS, help="built-in data set, or mnist/cifar10/images with --data")
     _common_options(t)
-    sub.add_parser("list", help="list experiments and their settings")
+    lst = sub.add_parser("list", help="list the experiments, or every setting of one")
+    lst.add_argument("name", nargs="?", choices=[*sorted(EXPERIMENTS), "pretrain"], metavar="NAME",
+                     help="an experiment (or pretrain): show each setting's default, meaning, unit and allowed values")
+    lst.add_argument("--markdown", action="store_true",
+                     help="print the settings of every experiment as Markdown tables (docs/settings.md)")
     return p
+
+
+class _HelpWithSettings(argparse.Action):
+    """``-h``/``--help`` of ``run`` and ``pretrain``: the options, then, once the experiment is named
+    (``run NAME --help``), each of its settings with its default and meaning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        name = "pretrain" if parser.prog.endswith(" pretrain") else getattr(namespace, "experiment", None)
+        if name is not None:
+            print()
+            print(_settings_text(name))
+        else:
+            print("\nname the experiment before --help (run NAME --help) to see its settings")
+        parser.exit()
+
+
+def _job(name: str):
+    from .experiments import EXPERIMENTS, pretrain
+
+    return pretrain if name == "pretrain" else EXPERIMENTS[name]
+
+
+def _settings_text(name: str) -> str:
+    """Every setting of the job ``name`` (an experiment or pretrain), and its presets."""
+    from .runtime.settings import render_text
+
+    module = _job(name)
+    command = "pretrain DATASET" if name == "pretrain" else f"run {name}"
+    lines = [f"settings of {name} (--set KEY=VALUE, values in TOML syntax; `implicit-diffusion {command}`):",
+             render_text(module.Config)]
+    presets = getattr(module, "PRESETS", {})
+    if presets:
+        lines.append("presets (--preset NAME; --config and --set override them):")
+        for preset, values in presets.items():
+            lines.append(f"  --preset {preset}: " + ", ".join(f"{k} = {v!r}" for k, v in values.items()))
+    return "\n".join(lines)
 
 
 def _common_options(r: argparse.ArgumentParser) -> None:
@@ -179,18 +230,24 @@ def _report(name, experiment, config, result, files, run_dir, start: float) -> N
     print(f"wrote {run_dir}/: {', '.join(files)}")
 
 
-def _list() -> int:
-    import dataclasses
-
+def _list(args: argparse.Namespace) -> int:
     from .experiments import EXPERIMENTS, pretrain
+    from .runtime.settings import experiment_summary, render_markdown
 
-    jobs = [(f"run {name}", module) for name, module in sorted(EXPERIMENTS.items())]
-    for title, module in [*jobs, ("pretrain DATASET", pretrain)]:
-        print(title)
-        for f in dataclasses.fields(module.Config):
-            print(f"  {f.name} = {f.default!r}")
-        for preset, values in getattr(module, "PRESETS", {}).items():
-            print(f"  --preset {preset}: " + ", ".join(f"{k} = {v!r}" for k, v in values.items()))
+    jobs = {**dict(sorted(EXPERIMENTS.items())), "pretrain": pretrain}
+    if args.markdown:
+        print(render_markdown(jobs), end="")
+        return 0
+    if args.name is not None:
+        print(_settings_text(args.name))
+        return 0
+    width = max(len(f"run {name}") for name in jobs)
+    for name, module in jobs.items():
+        title = "pretrain DATASET" if name == "pretrain" else f"run {name}"
+        print(f"{title:<{width}}  {experiment_summary(module)}")
+        for preset in getattr(module, "PRESETS", {}):
+            print(f"{'':<{width}}  --preset {preset}")
+    print("\n`implicit-diffusion list NAME` (or `run NAME --help`) shows every setting of one, with its meaning")
     return 0
 
 
@@ -203,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
-            return _list()
+            return _list(args)
         if args.command == "report":
             return _report_command(args)
         return _resume(args) if args.command == "resume" else _run(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -21,8 +22,47 @@ __all__ = [
     "with_acceptance",
 ]
 
-# callback(k, particles, stats) after θ update k; stats hold 0-d tensors (no host sync).
-Callback = Callable[[int, Tensor, dict], None]
+
+
+class Callback(Protocol):
+    """What ``run(..., callbacks=[...])`` of every algorithm calls after iteration k: ``callback(k, x, stats)``.
+
+    - ``k``: the iteration (θ-update) index, from ``start``;
+    - ``x``: the particles after the iteration, ``(num_particles, *event)`` (Langevin loops, bilevel:
+      the inner iterate); ``None`` for the diffusion algorithms, which carry no particle set;
+    - ``stats``: a dict of numbers for this iteration. Values are 0-d tensors where they come from the
+      particles (read them with ``float(v)``: nothing forces a host sync until then). The keys:
+
+    ==========================================  ==============================================================
+    algorithm                                   keys of ``stats``
+    ==========================================  ==============================================================
+    ``SingleLoop``, ``NestedLoop``              the estimator's: ``reward`` (mean R over the particles,
+                                                :class:`~implicit_diffusion.RewardEstimator`), ``energy_gap``
+                                                (:class:`~implicit_diffusion.KLToReference`: h̄;
+                                                ``ContrastiveKL``: mean V(data) − mean V(particles)),
+                                                ``energy_data``, ``energy_particles`` (minibatch
+                                                ``ContrastiveKL``); a sum of estimators has all of its
+                                                parts' keys; plus ``acceptance_rate`` for a MALA step and
+                                                ``update_skipped`` (1.0 / 0.0) with ``nonfinite="skip"``
+    ``DiffusionQueue``                          ``reward``: the mean reward of the batch that left the queue
+                                                (over all processes); empty ``{}`` while the queue fills
+    ``DiffusionNestedLoop``                     ``reward`` (mean R(x_M) of the update's batch),
+                                                ``running_cost`` (Σ_m c_m along its path: w·path KL with
+                                                :class:`~implicit_diffusion.GirsanovKL`; 0 without a cost)
+    ``JointBilevel``, ``NestedBilevel``         ``outer_loss`` f(x), ``gamma_norm`` ‖Γ‖, ``inner_grad_norm``,
+                                                ``inner_steps`` and ``hvps`` (totals so far)
+    ==========================================  ==============================================================
+
+    Any callable with this signature works (a function, a bound method, a lambda); this Protocol is for
+    type checkers and ``help()``. Example::
+
+        rewards = []
+        algo.run(100, generator=g, callbacks=[lambda k, x, stats: rewards.append(float(stats.get("reward", 0)))])
+    """
+
+    def __call__(self, k: int, x: Tensor | None, stats: dict) -> None: ...
+
+
 # A sampler step size: a constant, or a function of the θ-update index k.
 StepSize = float | Callable[[int], float]
 

@@ -8,6 +8,9 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from ..models.diffusion_model import DiffusionModel, resolve_model
+from ..samplers.diffusion import DiffusionStep
+from ..samplers.schedules import Prediction, VPSchedule
 from ..serialization import load_optimizer_state, optimizer_state
 from .base import Callback, run_steps
 
@@ -18,9 +21,12 @@ class DiffusionAlgorithm:
     """Base of :class:`~.queue.DiffusionQueue` and :class:`~.diffusion_nested.DiffusionNestedLoop`.
 
     Args:
-        model: the score model ``model(x, t)`` whose parameters are θ.
+        model: a :class:`~implicit_diffusion.models.diffusion_model.DiffusionModel` (from
+            :func:`~implicit_diffusion.load_diffusion_model`: its network, schedule and prediction type are
+            used), or a bare network ``model(x, t)``; its parameters are θ.
         step: a diffusion step ``step(x, model, m, *, schedule, generator, noise, prediction)``.
-        schedule: the discretisation (``schedule.times`` has M + 1 entries).
+        schedule: the discretisation (``schedule.times`` has M + 1 entries); default: the DiffusionModel's.
+            With a DiffusionModel the optimizer may come third: ``DiffusionQueue(model, ddpm_step, optimizer, ...)``.
         optimizer: any ``torch.optim`` optimizer over θ.
         init_fn: ``init_fn(generator) -> (batch, *event)`` draws p₀ (e.g. N(0, I)).
         reward_fn: ``R(x) -> (batch,)``, differentiable in x; the loss is −λ·mean R(x_M).
@@ -31,24 +37,36 @@ class DiffusionAlgorithm:
             that once per iteration for all its batches instead of once per batch; if it is marked
             ``reuses_model_output`` (GirsanovKL is), each adjoint step hands it the sampler step's
             own network output (``model_call=``), so the network runs once for both.
-        prediction: what the model outputs (``"score"``, ``"epsilon"``, ``"x0"``).
+        prediction: what the model outputs (``"score"``, ``"epsilon"``, ``"x0"``); default: the
+            DiffusionModel's, or ``"score"`` for a bare network. A DiffusionModel and a different
+            ``prediction`` is a ``ValueError``.
         max_grad_norm: optional gradient clipping before each optimizer step.
     """
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        step,
-        schedule,
-        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module | DiffusionModel,
+        step: DiffusionStep,
+        schedule: VPSchedule | torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
         *,
         init_fn: Callable[[torch.Generator], Tensor],
         reward_fn: Callable[[Tensor], Tensor],
         reward_weight: float = 1.0,
         running_cost: Callable[[Tensor, int], Tensor] | None = None,
-        prediction: str = "score",
+        prediction: Prediction | None = None,
         max_grad_norm: float | None = None,
     ):
+        if isinstance(schedule, torch.optim.Optimizer):  # (model, step, optimizer): the model's own schedule
+            if optimizer is not None:
+                raise TypeError("schedule is an optimizer and optimizer is given too: pass (model, step, schedule, "
+                                "optimizer) or, with a DiffusionModel, (model, step, optimizer)")
+            schedule, optimizer = None, schedule
+        if optimizer is None:
+            raise TypeError("an optimizer is required, e.g. torch.optim.Adam(model.parameters(), lr=1e-4)")
+        model, schedule, prediction = resolve_model(model, schedule, prediction)
+        if schedule is None:
+            raise TypeError("schedule is required for a bare network (or pass a DiffusionModel, which carries it)")
         self.model = model
         self.step_fn = step
         self.schedule = schedule
@@ -99,6 +117,7 @@ class DiffusionAlgorithm:
 
     def run(self, num_steps: int, *, generator: torch.Generator, start: int = 0,
             callbacks: Iterable[Callback] = ()) -> None:
-        """Run ``num_steps`` iterations; callbacks get ``(k, None, stats)`` (no particles to carry)."""
+        """Run ``num_steps`` iterations; callbacks get ``(k, None, stats)`` (no particles to carry; the
+        stats keys: see :class:`~.base.Callback`)."""
         run_steps(lambda _x, k: (None, self.step(k, generator=generator)), None, num_steps, start=start,
                   callbacks=callbacks)

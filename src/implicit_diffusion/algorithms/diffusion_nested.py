@@ -8,12 +8,17 @@ baseline; Clark et al. 2024) — then θ_{k+1} = optimizer step. Cost O(M) steps
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
+from torch import Tensor
 
 from .. import distributed
+from ..models.diffusion_model import DiffusionModel
 from ..objectives.adjoint import adjoint_through_sampler, autograd_through_sampler
+from ..samplers.diffusion import DiffusionStep
+from ..samplers.schedules import Prediction, VPSchedule
 from .base import clear_grads
 from .diffusion_base import DiffusionAlgorithm
 
@@ -28,10 +33,26 @@ class DiffusionNestedLoop(DiffusionAlgorithm):
     Nothing is carried from one update to the next: its checkpoint (:meth:`state`) is θ and the
     optimizer's state."""
 
-    def __init__(self, *args, gradient: Literal["adjoint", "autograd"] = "adjoint", **kwargs):
+    def __init__(
+        self,
+        model: torch.nn.Module | DiffusionModel,
+        step: DiffusionStep,
+        schedule: VPSchedule | torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        init_fn: Callable[[torch.Generator], Tensor],
+        reward_fn: Callable[[Tensor], Tensor],
+        reward_weight: float = 1.0,
+        running_cost: Callable[[Tensor, int], Tensor] | None = None,
+        prediction: Prediction | None = None,
+        max_grad_norm: float | None = None,
+        gradient: Literal["adjoint", "autograd"] = "adjoint",
+    ):
         if gradient not in ("adjoint", "autograd"):
             raise ValueError(f"gradient must be 'adjoint' or 'autograd', got {gradient!r}")
-        super().__init__(*args, **kwargs)
+        super().__init__(model, step, schedule, optimizer, init_fn=init_fn, reward_fn=reward_fn,
+                         reward_weight=reward_weight, running_cost=running_cost, prediction=prediction,
+                         max_grad_norm=max_grad_norm)
         self.through = adjoint_through_sampler if gradient == "adjoint" else autograd_through_sampler
 
     def step(self, k: int, *, generator: torch.Generator) -> dict:

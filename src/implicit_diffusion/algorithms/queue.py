@@ -57,13 +57,17 @@ The sequential adjoint runs every step at the exit iteration e: staleness M − 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .. import distributed
+from ..models.diffusion_model import DiffusionModel
 from ..objectives.adjoint import adjoint_step, terminal_reward_gradient
+from ..samplers.diffusion import DiffusionStep
+from ..samplers.schedules import Prediction, VPSchedule
 from .base import clear_grads
 from .diffusion_base import DiffusionAlgorithm
 
@@ -133,9 +137,24 @@ class DiffusionQueue(DiffusionAlgorithm):
         (3, 0)
     """
 
-    def __init__(self, *args, adjoint: Literal["sequential", "pipelined"] = "sequential",
-                 max_batch: int | None = None, fill: Literal["wait", "partial"] = "wait",
-                 tail: Literal["drop", "apply"] = "drop", **kwargs):
+    def __init__(
+        self,
+        model: torch.nn.Module | DiffusionModel,
+        step: DiffusionStep,
+        schedule: VPSchedule | torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        init_fn: Callable[[torch.Generator], Tensor],
+        reward_fn: Callable[[Tensor], Tensor],
+        reward_weight: float = 1.0,
+        running_cost: Callable[[Tensor, int], Tensor] | None = None,
+        prediction: Prediction | None = None,
+        max_grad_norm: float | None = None,
+        adjoint: Literal["sequential", "pipelined"] = "sequential",
+        max_batch: int | None = None,
+        fill: Literal["wait", "partial"] = "wait",
+        tail: Literal["drop", "apply"] = "drop",
+    ):
         if adjoint not in ("sequential", "pipelined"):
             raise ValueError(f"adjoint must be 'sequential' or 'pipelined', got {adjoint!r}")
         if max_batch is not None and not (isinstance(max_batch, int) and max_batch >= 1):
@@ -144,7 +163,9 @@ class DiffusionQueue(DiffusionAlgorithm):
             raise ValueError(f"fill must be 'wait' or 'partial', got {fill!r}")
         if tail not in ("drop", "apply"):
             raise ValueError(f"tail must be 'drop' or 'apply', got {tail!r}")
-        super().__init__(*args, **kwargs)
+        super().__init__(model, step, schedule, optimizer, init_fn=init_fn, reward_fn=reward_fn,
+                         reward_weight=reward_weight, running_cost=running_cost, prediction=prediction,
+                         max_grad_norm=max_grad_norm)
         self.adjoint = adjoint
         self.max_batch = max_batch
         self.fill = fill

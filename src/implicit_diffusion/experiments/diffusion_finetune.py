@@ -46,6 +46,7 @@ from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_e
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar, status
 from ..runtime.recording import EvalRecorder, OrderedSink
+from ..runtime.settings import setting
 from ..runtime.state import check_state_of, pack, state_of
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
@@ -72,39 +73,57 @@ PRESETS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class Config:
-    model: str = ""  # a shipped model's name (digits, photo-patches, mnist5k) or a model.safetensors from
-    # `pretrain`; "" = the shipped model for the reward
-    diffusers_model: str = ""  # or a local diffusers UNet2DModel + DDPM/DDIM scheduler directory
-    reward: str = "brightness"
-    data: str = ""  # pretrain on these images first (when no model is given)
-    trust_pickle: bool = False
-    pretrain_steps: int = 6_000
-    algorithm: str = "queue-pipelined"
-    sampler: str = "ddpm"  # the sampler step: ddpm (ancestral) or euler-maruyama (reverse SDE)
-    num_sampling_steps: int = 50  # M
-    # ρ of the sampling grid t_min + (T − t_min)(1 − m/M)^ρ (1: uniform; > 1: finer near 0); 0: the model's
-    # default, ρ = 2 on a built-in model's continuous schedule, a diffusers scheduler's own timestep spacing
-    time_power: float = 0.0
-    batch_size: int = 16  # per queue slot (per update for the nested loop)
-    num_steps: int = 400  # iterations
-    reward_weight: float = 30.0  # λ
-    kl_weight: float = 1.0  # β
-    lr: float = 1e-4
-    max_grad_norm: float = 1.0
-    eval_every: int = 100
-    eval_samples: int = 256
-    grid_images: int = 32
-    sweep: bool = False
-    sweep_ratios: tuple[float, ...] = (10.0, 100.0, 1000.0)  # λ/β values of --sweep
-    seed: int = 0
-    num_threads: int = 0  # 0: torch's default
-    progress: bool = True
-    checkpoint_every: int = 0  # iterations between checkpoints, counted in each run of a sweep (0: only on Ctrl-C)
-    max_batch: int = 0  # queue: the most samples per network call (chunks of the M·B in flight); 0: one call
-    queue_fill: str = "wait"  # pipelined queue: no θ update until its gradient is complete; "partial": the fill's too
-    queue_tail: str = "drop"  # pipelined queue, after the last iteration: "drop" the adjoints in flight or "apply" them
-    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps
-    dtype: str = "float32"  # float32, float64 (checks), bfloat16 (autocast forwards, float32 master weights)
+    model: str = setting("", "a shipped model's name (digits, photo-patches, mnist5k) or a model.safetensors written "
+                             "by `pretrain`; \"\" (the default) = the shipped model for the reward")
+    diffusers_model: str = setting("", "instead of model: a local diffusers UNet2DModel + DDPM/DDIM scheduler "
+                                       "directory; \"\" = none")
+    reward: str = setting("brightness", "the image reward the finetuning maximises", allowed=IMAGE_REWARDS)
+    data: str = setting("", "images on disk to pretrain on first, when no model is given (MNIST IDX/.npz, CIFAR-10, "
+                            "a folder); \"\" = none")
+    trust_pickle: bool = setting(False, "allow reading pickled files (CIFAR-10 python batches) from a trusted source")
+    pretrain_steps: int = setting(6_000, "optimizer steps of the pretraining on data (only with data)",
+                                         unit="optimizer steps", allowed="> 0")
+    algorithm: str = setting("queue-pipelined", "the finetuning algorithm: the queue (pipelined or sequential) or "
+                                                "the nested loop", allowed=ALGORITHMS)
+    sampler: str = setting("ddpm", "the sampler step: ddpm (ancestral) or euler-maruyama (reverse SDE)",
+                                   allowed=SAMPLERS)
+    num_sampling_steps: int = setting(50, "M, sampler steps per sample", unit="sampler steps", allowed="> 0")
+    time_power: float = setting(0.0, "ρ of the sampling grid t_min + (T − t_min)(1 − m/M)^ρ (1: uniform; > 1: finer "
+                                     "near 0); 0 (the default) = the model's default: ρ = 2 on a built-in model's "
+                                     "continuous schedule, a diffusers scheduler's own timestep spacing",
+                                     allowed=">= 0 (0 = the model's default)")
+    batch_size: int = setting(16, "samples per queue slot (per update for the nested loop)",
+                                  unit="samples", allowed="> 0")
+    num_steps: int = setting(400, "iterations (θ updates once the queue is full)", unit="iterations", allowed="> 0")
+    reward_weight: float = setting(30.0, "λ, the weight of the reward in λ·reward − β·KL", allowed=">= 0")
+    kl_weight: float = setting(1.0, "β, the weight of the KL to the pretrained model", allowed=">= 0")
+    lr: float = setting(1e-4, "Adam's learning rate", allowed="> 0")
+    max_grad_norm: float = setting(1.0, "clip the gradient's norm to at most this", allowed="> 0")
+    eval_every: int = setting(100, "iterations between evaluations of the reward and KL",
+                                   unit="iterations", allowed="> 0")
+    eval_samples: int = setting(256, "independent samples per evaluation", allowed=">= 2")
+    grid_images: int = setting(32, "images in each saved grid of samples", allowed="> 0")
+    sweep: bool = setting(False, "run once per λ/β of sweep_ratios (needs kl_weight > 0) instead of once")
+    sweep_ratios: tuple[float, ...] = setting((10.0, 100.0, 1000.0), "the λ/β values of sweep", allowed="numbers > 0")
+    seed: int = setting(0, "random seed", allowed="an integer in [0, 2**63)")
+    num_threads: int = setting(0, "CPU threads of torch; 0 (the default) = automatic: torch's default",
+                                  allowed="0 or an integer up to this machine's CPU count")
+    progress: bool = setting(True, "show a progress bar on the terminal")
+    checkpoint_every: int = setting(0, "iterations between checkpoints, counted in each run of a sweep; 0 (the "
+                                       "default) = only on Ctrl-C, SIGTERM or SIGHUP",
+                                       unit="iterations", allowed=">= 0")
+    max_batch: int = setting(0, "queue: the most samples per network call (chunks of the M·B in flight); 0 (the "
+                                "default) = all in one call",
+                                unit="samples", allowed=">= 0; > 0 only with a queue algorithm")
+    queue_fill: str = setting("wait", "pipelined queue: \"wait\" = no θ update until its gradient is complete; "
+                                      "\"partial\" = the fill's partial gradients update θ too",
+                                      allowed=("wait", "partial"))
+    queue_tail: str = setting("drop", "pipelined queue, after the last iteration: \"drop\" the adjoints in flight or "
+                                      "\"apply\" them", allowed=("drop", "apply"))
+    device: str = setting("auto", "where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N "
+                                  "or mps")
+    dtype: str = setting("float32", "float32, float64 (checks) or bfloat16 (autocast forwards, float32 master "
+                                    "weights)", allowed=PRECISIONS)
 
     def __post_init__(self) -> None:
         check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
@@ -165,7 +184,7 @@ class RunRecord:
     kl_weight: float
     train_reward: np.ndarray  # exiting batch's mean reward per iteration (NaN while the queue fills)
     evals: dict[str, list[float]]  # step, reward, reward_se, kl, kl_se
-    grids: list[tuple[int, torch.Tensor]]  # (θ updates, images) on fixed noise
+    grids: list[tuple[int, torch.Tensor]]  # (iterations, images) on fixed noise
     state: dict[str, torch.Tensor]  # finetuned weights (on the CPU)
     wall_time: float
     edges: dict = field(default_factory=dict)  # pipelined queue: fill, tail, contributions dropped or applied
@@ -463,7 +482,7 @@ def save(result: Result, run_dir) -> list[str]:
                                     "algorithm": result.config.algorithm})
             files.append(f"finetuned{suffix}.safetensors")
         plot_image_grids(run_dir / f"samples{suffix}.png",
-                         [(f"{'pretrained' if s == 0 else f'{s} updates'}", imgs) for s, imgs in r.grids],
+                         [(f"iteration {s}" + (" (pretrained)" if s == 0 else ""), imgs) for s, imgs in r.grids],
                          title=f"{reward} finetuning, {r.label} (same noise in every panel)")
         files.append(f"samples{suffix}.png")
     plot_finetune_curves(run_dir / "curves.png", {r.label: {k: np.asarray(v) for k, v in r.evals.items()}

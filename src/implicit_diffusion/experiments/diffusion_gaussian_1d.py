@@ -20,6 +20,7 @@ from ..algorithms import DIFFUSION_ALGORITHMS
 from ..devices import check_device_name, generator_on, resolve_device
 from ..errors import ConfigError
 from ..runtime.progress import ProgressBar
+from ..runtime.settings import setting
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
 from ..runtime.validation import check_fields, positive, short
@@ -33,17 +34,20 @@ ALGORITHMS = DIFFUSION_ALGORITHMS
 
 @dataclass(frozen=True)
 class Config:
-    theta0: float = 0.0
-    theta_target: float = 2.0
-    T: float = 1.0  # horizon of the OU process
-    num_sampling_steps: int = 20  # M
-    batch_size: int = 64
-    num_steps: int = 600  # iterations (θ updates once the queue is full)
-    lr: float = 0.05
-    algorithms: tuple[str, ...] = ("queue-pipelined", "queue-sequential", "nested-adjoint")
-    seed: int = 0
-    progress: bool = True
-    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps (float64 throughout)
+    theta0: float = setting(0.0, "θ at the start (the mean shift of the Gaussian score model)")
+    theta_target: float = setting(2.0, "the reward's target: R(x) = −(x − theta_target)²")
+    T: float = setting(1.0, "horizon of the OU process", allowed="> 0")
+    num_sampling_steps: int = setting(20, "M, sampler steps per sample", unit="sampler steps", allowed="> 0")
+    batch_size: int = setting(64, "samples per queue slot (per update for the nested loop)",
+                                  unit="samples", allowed="> 0")
+    num_steps: int = setting(600, "iterations (θ updates once the queue is full)", unit="iterations", allowed="> 0")
+    lr: float = setting(0.05, "SGD learning rate on θ", allowed="> 0")
+    algorithms: tuple[str, ...] = setting(
+        ("queue-pipelined", "queue-sequential", "nested-adjoint"), "the algorithms run one after another from the "
+                                                                   "same seed", allowed=ALGORITHMS)
+    seed: int = setting(0, "random seed", allowed="an integer in [0, 2**63)")
+    progress: bool = setting(True, "show a progress bar on the terminal")
+    device: str = setting("auto", "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps (float64 throughout)")
 
     def __post_init__(self) -> None:
         check_fields(self)  # finite numbers, int64 integers, seed bounds (runtime.validation)

@@ -45,6 +45,7 @@ from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_e
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
 from ..runtime.recording import EvalRecorder
+from ..runtime.settings import setting
 from ..runtime.state import pack, state_of
 from ..runtime.threads import torch_threads
 from ..runtime.validation import check, check_fields, nonnegative, positive
@@ -65,33 +66,49 @@ _DEFAULTS = {
 
 @dataclass(frozen=True)
 class EBMConfig:
-    """Settings of the EBM experiment; entries set to 0 (or ``()``) take the data set's default (``_DEFAULTS``)."""
+    """Settings of the EBM experiment; entries set to None (or ``()``) take the data set's default (``_DEFAULTS``)."""
 
-    data: Literal["moons", "swiss-roll", "rings", "digits"] = "moons"
-    num_train: int = 4000  # 2-D only (digits: all but the held-out images)
-    num_heldout: int = 0  # 0: 1000 (2-D), 300 (digits; at most 797)
-    num_particles: int = 1000  # N, the same for both methods
-    batch_size: int = 1000  # data minibatch per θ update
-    num_steps: int = 3000  # K single-loop θ updates
-    sampler_steps_per_update: int = 1  # S
-    nested_inner_steps: int = 20  # T: nested updates = K·S // T
-    nested_budget_factor: int = 1  # the nested loop's sampler budget is this × the single loop's (1: equal)
-    step_size: float = 0.0  # γ of ULA; 0: the data set's default
-    init_std: float = 0.0  # σ₀ of p₀ = N(0, σ₀²I); 0: the data set's default
-    lr: float = 1e-3  # Adam
-    hidden: int = 128
-    depth: int = 2
-    energy_penalty: float = -1.0  # α in α(E_data[V²] + E_p[V²]); negative: the data set's default
-    eval_every: int = 100  # sampler steps between evaluations
-    fresh_steps: int = 1000  # ULA steps of the final fresh-sample chains
-    mmd_bandwidths: tuple[float, ...] = ()  # (): the data set's default
-    compare: bool = True  # also train the nested baseline
-    seed: int = 0
-    dtype: Literal["float32", "float64"] = "float32"
-    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps
-    num_threads: int = 0  # 0: 1 thread for small batches (see runtime.threads)
-    progress: bool = True
-    checkpoint_every: int = 0  # θ updates between checkpoints, in each method's loop (0: only on Ctrl-C)
+    data: Literal["moons", "swiss-roll", "rings", "digits"] = setting("moons", "the built-in data set: 2-D points or "
+                                                                               "the 8×8 digits")
+    num_train: int = setting(4000, "training points, 2-D data only (digits: all but the held-out images)",
+                                   unit="points", allowed="> 0")
+    num_heldout: int | None = setting(None, "held-out points of the MMD² evaluations; None (the default): 1,000 "
+                                            "(2-D) or 300 (digits)",
+                                            unit="points", allowed=">= 2 (digits: at most 797)")
+    num_particles: int = setting(1000, "N, the particles of each method", allowed=">= 2")
+    batch_size: int = setting(1000, "data minibatch per θ update", unit="points", allowed="> 0")
+    num_steps: int = setting(3000, "K, θ updates of the single loop", unit="θ updates", allowed="> 0")
+    sampler_steps_per_update: int = setting(1, "S, ULA steps per single-loop θ update",
+                                               unit="sampler steps", allowed="> 0")
+    nested_inner_steps: int = setting(20, "T, ULA steps per nested-loop θ update (nested updates = K·S // T)",
+                                          unit="sampler steps",
+                                          allowed="> 0, at most num_steps·sampler_steps_per_update")
+    nested_budget_factor: int = setting(1, "the nested loop's sampler budget is this × the single loop's (1: equal)",
+                                           allowed="> 0")
+    step_size: float | None = setting(None, "γ of ULA; None (the default): the data set's own (0.01)", allowed="> 0")
+    init_std: float | None = setting(None, "σ₀ of p₀ = N(0, σ₀²I); None (the default): the data set's own (2 for 2-D "
+                                           "data, 0.5 for digits)", allowed="> 0")
+    lr: float = setting(1e-3, "Adam's learning rate", allowed="> 0")
+    hidden: int = setting(128, "width of the energy MLP's hidden layers", allowed="> 0")
+    depth: int = setting(2, "hidden layers of the energy MLP", allowed="> 0")
+    energy_penalty: float | None = setting(None, "α in the penalty α(E_data[V²] + E_p[V²]); None (the default): the "
+                                                 "data set's own (0.1 for 2-D data, 0.01 for digits)", allowed=">= 0")
+    eval_every: int = setting(100, "sampler steps between evaluations", unit="sampler steps", allowed="> 0")
+    fresh_steps: int = setting(1000, "ULA steps of the final fresh-sample chains", unit="sampler steps", allowed="> 0")
+    mmd_bandwidths: tuple[float, ...] = setting((), "bandwidths of MMD²'s RBF kernels; () (the default): the data "
+                                                    "set's own ((0.1, 0.3, 1) for 2-D data, (1, 2, 4) for digits)",
+                                                    allowed="numbers > 0")
+    compare: bool = setting(True, "also train the nested-loop baseline")
+    seed: int = setting(0, "random seed", allowed="an integer in [0, 2**63)")
+    dtype: Literal["float32", "float64"] = setting("float32", "floating-point type of the particles and the energy")
+    device: str = setting("auto", "where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N "
+                                  "or mps")
+    num_threads: int = setting(0, "CPU threads of torch; 0 (the default) = automatic: 1 thread for small batches, "
+                                  "torch's default above (runtime.threads)",
+                                  allowed="0 or an integer up to this machine's CPU count")
+    progress: bool = setting(True, "show a progress bar on the terminal")
+    checkpoint_every: int = setting(0, "θ updates between checkpoints, in each method's loop; 0 (the default) = only "
+                                       "on Ctrl-C, SIGTERM or SIGHUP", unit="θ updates", allowed=">= 0")
 
     def __post_init__(self) -> None:
         check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
@@ -99,12 +116,15 @@ class EBMConfig:
             raise ConfigError(f"config key 'data' must be one of {', '.join(DATASETS)}, got {self.data!r}")
         positive(self, "num_train", "num_particles", "batch_size", "num_steps", "sampler_steps_per_update",
                  "nested_inner_steps", "nested_budget_factor", "lr", "hidden", "depth", "eval_every", "fresh_steps")
-        check(self, ("step_size", "init_std", "num_heldout"), lambda v: v >= 0, "> 0 (or 0 for the data set's default)")
+        check(self, ("step_size", "init_std"), lambda v: v is None or v > 0,
+              "> 0, or None (omit the key) for the data set's default")
+        check(self, "energy_penalty", lambda v: v is None or v >= 0,
+              ">= 0, or None (omit the key) for the data set's default")
         check(self, "mmd_bandwidths", lambda bw: all(h > 0 for h in bw), "numbers > 0", verb="hold")
-        if self.num_heldout == 1 or self.num_particles < 2:
+        if (self.num_heldout is not None and self.num_heldout < 2) or self.num_particles < 2:
             raise ConfigError("config keys 'num_heldout' and 'num_particles' must be >= 2 "
-                              "(the unbiased MMD² needs pairs)")
-        if self.data == "digits" and self.num_heldout > 797:
+                              "(the unbiased MMD² needs pairs; omit num_heldout for the data set's default)")
+        if self.data == "digits" and self.heldout_size > 797:
             raise ConfigError(f"config key 'num_heldout' must be <= 797 for digits (1,797 images), "
                               f"got {self.num_heldout}")
         if self.compare and self.num_steps * self.sampler_steps_per_update < self.nested_inner_steps:
@@ -119,13 +139,15 @@ class EBMConfig:
     @property
     def heldout_size(self) -> int:
         """``num_heldout`` with the data set's default filled in."""
-        return self.num_heldout or (300 if self.data == "digits" else 1000)
+        if self.num_heldout is not None:
+            return self.num_heldout
+        return 300 if self.data == "digits" else 1000
 
     def resolved(self) -> tuple[float, float, tuple[float, ...], float]:
         """(γ, σ₀, bandwidths, α) with the data set's defaults filled in."""
         gamma, std, bw, alpha = _DEFAULTS[self.data]
-        return (self.step_size or gamma, self.init_std or std, self.mmd_bandwidths or bw,
-                alpha if self.energy_penalty < 0 else self.energy_penalty)
+        return (gamma if self.step_size is None else self.step_size, std if self.init_std is None else self.init_std,
+                self.mmd_bandwidths or bw, alpha if self.energy_penalty is None else self.energy_penalty)
 
     def memory_estimate(self) -> dict[str, int]:
         """Bytes of the dominant allocations, a rough lower bound (:mod:`~implicit_diffusion.runtime.memory`):

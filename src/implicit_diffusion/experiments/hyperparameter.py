@@ -34,6 +34,7 @@ from ..devices import check_device_name, resolve_device
 from ..errors import ConfigError
 from ..models.regression import Problem, load_problem, minimize_1d
 from ..runtime.progress import ProgressBar
+from ..runtime.settings import setting
 from ..runtime.tables import columns
 from ..runtime.threads import torch_threads
 from ..runtime.validation import check_fields, nonnegative, positive
@@ -45,30 +46,39 @@ __all__ = ["HyperparameterConfig", "HyperparameterResult", "Trace", "run", "save
 class HyperparameterConfig:
     """Settings; the defaults run both methods on ridge in about 15 s (shared 2-core CPU)."""
 
-    problem: Literal["ridge", "logistic"] = "ridge"
-    theta0: float = 0.0  # log regularization at the start
-    train_fraction: float = 0.5
-    num_updates: int = 2000  # θ updates of the single loop
-    inner_steps_per_update: int = 1  # S
-    cg_steps: int = 1  # CG steps per single-loop iteration (warm-started)
-    inner_step_size: float = 0.0  # η; 0: 1/(L_data + e^{max(θ₀, θ*)}), L_data the data term's curvature bound
-    outer_lr: float = 30.0  # θ step (SGD learning rate, or Adam's), the same for both methods
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    nested_updates: int = 40  # θ updates of the nested baseline
-    nested_inner_tol: float = 1e-6  # stop inner gradient descent at ‖∇ₓg‖ ≤ this
-    nested_max_inner_steps: int = 20000
-    nested_cg_tol: float = 1e-8  # stop CG at ‖∇²g v − ∇f‖ ≤ this
-    nested_max_cg_steps: int = 200
-    nested_warm_start: bool = True  # continue x and v from the previous update (False: restart both)
-    # "reached" from update k on: ℓ(θ_j) ≤ ℓ_nested,final + reach_tol·(ℓ(θ₀) − ℓ_nested,final) for all j ≥ k
-    reach_tol: float = 1e-3
-    grid_min: float = -12.0  # θ grid of the reference optimum
-    grid_max: float = 6.0
-    grid_points: int = 361
-    seed: int = 0  # train/validation split
-    num_threads: int = 1
-    device: str = "auto"  # the algorithms' (auto: CUDA when available, else CPU); exact references on the CPU
-    progress: bool = True
+    problem: Literal["ridge", "logistic"] = setting("ridge", "ridge (diabetes, closed-form inner solution) or "
+                                                             "logistic (breast cancer, Newton inner solves)")
+    theta0: float = setting(0.0, "log regularization strength θ at the start")
+    train_fraction: float = setting(0.5, "fraction of the data in the training split (the rest: validation)",
+                                         allowed="in (0, 1)")
+    num_updates: int = setting(2000, "θ updates of the single loop", unit="θ updates", allowed="> 0")
+    inner_steps_per_update: int = setting(1, "S, inner gradient steps per single-loop iteration",
+                                             unit="inner steps", allowed="> 0")
+    cg_steps: int = setting(1, "CG steps per single-loop iteration (warm-started)", allowed="> 0")
+    inner_step_size: float | None = setting(None, "η, the step of gradient descent on x; None (the default): "
+                                                  "1/(L_data + e^{max(θ₀, θ*)}), L_data the data term's curvature "
+                                                  "bound", allowed="> 0")
+    outer_lr: float = setting(30.0, "θ step (SGD learning rate, or Adam's), the same for both methods", allowed="> 0")
+    optimizer: Literal["sgd", "adam"] = setting("sgd", "the θ optimizer of both methods")
+    nested_updates: int = setting(40, "θ updates of the nested baseline", allowed="> 0")
+    nested_inner_tol: float = setting(1e-6, "stop inner gradient descent at ‖∇ₓg‖ ≤ this", allowed=">= 0")
+    nested_max_inner_steps: int = setting(20000, "at most this many inner gradient steps per nested update",
+                                                 unit="inner steps", allowed="> 0")
+    nested_cg_tol: float = setting(1e-8, "stop CG at ‖∇²g v − ∇f‖ ≤ this", allowed=">= 0")
+    nested_max_cg_steps: int = setting(200, "at most this many CG steps per nested update",
+                                            unit="CG steps", allowed="> 0")
+    nested_warm_start: bool = setting(True, "continue x and v from the previous update (False: restart both)")
+    reach_tol: float = setting(1e-3, "a method has \"reached\" the target from update k on when ℓ(θ_j) ≤ "
+                                     "ℓ_nested,final + reach_tol·(ℓ(θ₀) − ℓ_nested,final) for all j ≥ k",
+                                     allowed=">= 0")
+    grid_min: float = setting(-12.0, "lower end of the θ grid of the reference optimum", allowed="< grid_max")
+    grid_max: float = setting(6.0, "upper end of the θ grid of the reference optimum", allowed="> grid_min")
+    grid_points: int = setting(361, "points of the θ grid of the reference optimum", allowed=">= 3")
+    seed: int = setting(0, "random seed of the train/validation split", allowed="an integer in [0, 2**63)")
+    num_threads: int = setting(1, "CPU threads of torch", allowed="an integer from 1 to this machine's CPU count")
+    device: str = setting("auto", "the algorithms' device (auto: CUDA when available, else CPU; cpu, cuda, cuda:N, "
+                                  "mps); the exact references are computed on the CPU")
+    progress: bool = setting(True, "show a progress bar on the terminal")
 
     def __post_init__(self) -> None:
         check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
@@ -77,9 +87,9 @@ class HyperparameterConfig:
         nonnegative(self, "nested_inner_tol", "nested_cg_tol", "reach_tol")
         if not 0 < self.train_fraction < 1:
             raise ConfigError(f"config key 'train_fraction' must be in (0, 1), got {self.train_fraction!r}")
-        if not self.inner_step_size >= 0:
-            raise ConfigError(
-                f"config key 'inner_step_size' must be > 0, or 0 (automatic), got {self.inner_step_size!r}")
+        if self.inner_step_size is not None and not self.inner_step_size > 0:
+            raise ConfigError(f"config key 'inner_step_size' must be > 0, or None (omit the key) for the automatic "
+                              f"step, got {self.inner_step_size!r}")
         if not math.isfinite(self.theta0):
             raise ConfigError(f"config key 'theta0' must be a finite number, got {self.theta0!r}")
         if not self.grid_min < self.grid_max:

@@ -37,6 +37,7 @@ from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_e
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
 from ..runtime.recording import EvalRecorder, OrderedSink, RewardRecorder, RunningMean
+from ..runtime.settings import setting
 from ..runtime.state import state_of
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
@@ -55,31 +56,46 @@ SUPPORTS_SHARDING = True  # torchrun: particles / queue slots split over process
 class LangevinMixtureConfig:
     """Settings of the §5.1 experiment; defaults are the paper's."""
 
-    num_particles: int = 1000
-    num_steps: int = 5000  # K θ updates (single loop: K·S sampler steps)
-    step_size: float = 0.2  # γ of ULA
-    lr: float = 0.1  # η
-    lr_schedule: Literal["constant", "inverse-sqrt"] = "constant"
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    sampler_steps_per_update: int = 1  # S
-    sampler: Literal["ula", "mala", "preconditioned", "myula-box", "primal-dual-box", "mirror-orthant"] = "ula"
-    theta0: tuple[float, ...] = HEXAGON_THETA0
-    reward: Literal["indicator", "smooth"] = "indicator"
-    reward_weight: float = 1.0  # λ
-    kl_weight: float = 0.0  # β in βKL(p‖π*(θ₀))
-    eval_every: int = 100  # exact E[R], KL and weights every this many θ updates
-    snapshot_steps: tuple[int, ...] = (0, 100, 1000, 5000)  # particle clouds (clipped to num_steps)
-    compare: bool = False  # also run the nested loops and the tilted potential
-    nested_inner_steps: tuple[int, ...] = (10, 100)
-    tilt_weight: float = 1.0  # λ_s in V − λ_s R_s
-    seed: int = 0
-    dtype: Literal["float32", "float64"] = "float32"
-    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps
-    num_threads: int = 0  # 0: 1 thread below 20,000 numbers per batch, torch's default above
-    progress: bool = True
-    checkpoint_every: int = 0  # θ updates between checkpoints (0: only on Ctrl-C)
-    particle_blocks: int = 1  # B blocks with their own random streams; torchrun needs a multiple of its W
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # skip: reject non-finite particle moves and θ updates
+    num_particles: int = setting(1000, "N, the particles of the single loop", allowed="> 0")
+    num_steps: int = setting(5000, "K, θ updates (single loop: K·S sampler steps)", unit="θ updates", allowed="> 0")
+    step_size: float = setting(0.2, "γ of ULA (the sampler's step)", allowed="> 0 (myula-box: at most 1)")
+    lr: float = setting(0.1, "η, the θ learning rate", allowed="> 0")
+    lr_schedule: Literal["constant", "inverse-sqrt"] = setting("constant", "the learning rate over updates: "
+                                                                           "constant, or η/√(k+1)")
+    optimizer: Literal["sgd", "adam"] = setting("sgd", "the θ optimizer")
+    sampler_steps_per_update: int = setting(1, "S, sampler steps per θ update", unit="sampler steps", allowed="> 0")
+    sampler: Literal["ula", "mala", "preconditioned", "myula-box", "primal-dual-box", "mirror-orthant"] = setting(
+        "ula", "the Langevin sampler: ula, mala (Metropolis-adjusted), preconditioned, myula-box (proximal), "
+               "primal-dual-box or mirror-orthant")
+    theta0: tuple[float, ...] = setting(HEXAGON_THETA0, "θ at the start: the six logits of the hexagon mixture's "
+                                                        "weights", allowed="6 numbers")
+    reward: Literal["indicator", "smooth"] = setting("indicator", "the reward: the indicator of a region, or its "
+                                                                  "smooth version")
+    reward_weight: float = setting(1.0, "λ")
+    kl_weight: float = setting(0.0, "β in βKL(p‖π*(θ₀))", allowed=">= 0")
+    eval_every: int = setting(100, "θ updates between exact evaluations of E[R], the KL and the weights",
+                                   unit="θ updates", allowed="> 0")
+    snapshot_steps: tuple[int, ...] = setting((0, 100, 1000, 5000), "θ updates at which the particle clouds are "
+                                                                    "saved (clipped to num_steps)",
+                                                                    allowed="integers >= 0")
+    compare: bool = setting(False, "also run the nested loops and the tilted potential")
+    nested_inner_steps: tuple[int, ...] = setting((10, 100), "with compare: the inner sampler steps of each "
+                                                             "nested-loop baseline", allowed="integers >= 1")
+    tilt_weight: float = setting(1.0, "λ_s in the tilted potential V − λ_s R_s (with compare)")
+    seed: int = setting(0, "random seed", allowed="an integer in [0, 2**63)")
+    dtype: Literal["float32", "float64"] = setting("float32", "floating-point type of the particles and θ")
+    device: str = setting("auto", "where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N "
+                                  "or mps")
+    num_threads: int = setting(0, "CPU threads of torch; 0 (the default) = automatic: 1 thread below 20,000 numbers "
+                                  "per batch, torch's default above",
+                                  allowed="0 or an integer up to this machine's CPU count")
+    progress: bool = setting(True, "show a progress bar on the terminal")
+    checkpoint_every: int = setting(0, "θ updates between checkpoints; 0 (the default) = only on Ctrl-C, SIGTERM or "
+                                       "SIGHUP", unit="θ updates", allowed=">= 0")
+    particle_blocks: int = setting(1, "B blocks of particles with their own random streams; torchrun needs a "
+                                      "multiple of its world size W", allowed=">= 1, dividing num_particles")
+    on_nonfinite: Literal["stop", "skip"] = setting("stop", "stop the run at a non-finite particle or θ, or skip "
+                                                            "(reject) such particle moves and θ updates")
 
     def __post_init__(self) -> None:
         check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
@@ -370,9 +386,9 @@ def save(result: LangevinMixtureResult, run_dir) -> list[str]:
     save_tensors(run_dir / "theta.safetensors", {"theta": torch.from_numpy(result.theta)},
                  {"weights": json.dumps(result.weights[-1].tolist())})
     means = hexagon_mixture(cfg.theta0, dtype=torch.float64).means.numpy()
-    plotting.plot_particle_clouds(run_dir / "particles.png", result.snapshots, result.snapshot_weights, means,
-                                  reward_centre=REWARD_CENTRE)
     s = cfg.sampler_steps_per_update  # x axes in sampler steps
+    plotting.plot_particle_clouds(run_dir / "particles.png", result.snapshots, result.snapshot_weights, means,
+                                  reward_centre=REWARD_CENTRE, steps_per_update=s)
     curves = {"Implicit Diffusion (single loop)": (np.arange(1, len(result.rewards) + 1) * s, result.rewards),
               **{k: (c.sampler_steps, c.values) for k, c in result.comparisons.items()}}
     evals = np.maximum(result.eval_steps, 1) * s
@@ -380,7 +396,7 @@ def save(result: LangevinMixtureResult, run_dir) -> list[str]:
                                 kl=(evals, result.kls), hlines={"optimum (all mass on c₂)": result.reward_optimum,
                                                                 "E_π*(θ₀)[R]": result.reward_initial_exact})
     plotting.plot_mixture_weights(run_dir / "weights.png", result.eval_steps, result.weights,
-                                  [f"c{i + 1}" for i in range(6)])
+                                  plotting.component_labels(len(means)), steps_per_update=s)
     return ["theta.safetensors", "particles.png", "reward.png", "weights.png", write_summary(run_dir, result.summary())]
 
 

@@ -34,6 +34,7 @@ from ..errors import ConfigError
 from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
+from ..runtime.settings import setting
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
 from ..runtime.validation import check_fields, one_of, positive, short
@@ -57,29 +58,39 @@ def _unet_groups() -> int:
 
 @dataclass(frozen=True)
 class Config:
-    dataset: str = "digits"
-    data: str = ""  # path, for mnist / cifar10 / images
-    trust_pickle: bool = False  # allow CIFAR-10's pickled python batches
-    limit: int = 0  # keep only the first N images of a file data set, or N random ones of mnist5k (0: all)
-    num_points: int = 20_000  # 2-D points / photo patches drawn
-    patch_size: int = 8
-    schedule: str = "linear"
-    num_steps: int = 6_000  # optimizer steps
-    batch_size: int = 128
-    lr: float = 2e-3
-    ema_decay: float = 0.999
-    max_grad_norm: float = 1.0
-    base_channels: int = 16  # U-Net width
-    channel_mults: tuple[int, ...] = (1, 2, 2)
-    hidden: int = 256  # MLP width (2-D data)
-    num_samples: int = 64  # images drawn from the EMA model for the figure (2-D data: 2,000 points)
-    sampling_steps: int = 100
-    seed: int = 0
-    num_threads: int = 0  # 0: torch's default
-    progress: bool = True
-    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only on Ctrl-C)
-    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps
-    dtype: str = "float32"  # float32, float64, bfloat16 (autocast forwards, float32 master weights)
+    dataset: str = setting("digits", "the data set to learn (mnist, cifar10 and images are read from data)",
+                                     allowed=DATASETS)
+    data: str = setting("", "path of the images, for mnist, cifar10 and images; \"\" = none")
+    trust_pickle: bool = setting(False, "allow reading pickled files (CIFAR-10 python batches) from a trusted source")
+    limit: int | None = setting(None, "keep only the first N images of a file data set, or N random ones of mnist5k; "
+                                      "None (the default): all", unit="images", allowed=">= 1")
+    num_points: int = setting(20_000, "2-D points or photo patches drawn", unit="points", allowed="> 0")
+    patch_size: int = setting(8, "side of the photo patches", unit="pixels", allowed="> 0")
+    schedule: str = setting("linear", "the VP noise schedule", allowed=SCHEDULE_KINDS)
+    num_steps: int = setting(6_000, "optimizer steps", unit="optimizer steps", allowed="> 0")
+    batch_size: int = setting(128, "minibatch size", unit="samples", allowed="> 0")
+    lr: float = setting(2e-3, "Adam's learning rate", allowed="> 0")
+    ema_decay: float = setting(0.999, "decay of the exponential moving average of the weights (the saved model)",
+                                      allowed="in [0, 1)")
+    max_grad_norm: float = setting(1.0, "clip the gradient's norm to at most this", allowed="> 0")
+    base_channels: int = setting(16, "U-Net width: channels of its first level (images)",
+                                     allowed="> 0, a multiple of the U-Net's GroupNorm groups")
+    channel_mults: tuple[int, ...] = setting((1, 2, 2), "the U-Net's channel multiplier per level; each level after "
+                                                        "the first halves H and W", allowed="integers >= 1")
+    hidden: int = setting(256, "MLP width (2-D data)", allowed="> 0")
+    num_samples: int = setting(64, "images drawn from the EMA model for the figure (2-D data: 2,000 points)",
+                                   allowed="> 0")
+    sampling_steps: int = setting(100, "sampler steps of those samples", unit="sampler steps", allowed="> 0")
+    seed: int = setting(0, "random seed", allowed="an integer in [0, 2**63)")
+    num_threads: int = setting(0, "CPU threads of torch; 0 (the default) = automatic: torch's default",
+                                  allowed="0 or an integer up to this machine's CPU count")
+    progress: bool = setting(True, "show a progress bar on the terminal")
+    checkpoint_every: int = setting(0, "optimizer steps between checkpoints; 0 (the default) = only on Ctrl-C, "
+                                       "SIGTERM or SIGHUP", unit="optimizer steps", allowed=">= 0")
+    device: str = setting("auto", "where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N "
+                                  "or mps")
+    dtype: str = setting("float32", "float32, float64 or bfloat16 (autocast forwards, float32 master weights)",
+                                    allowed=PRECISIONS)
 
     def __post_init__(self) -> None:
         check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
@@ -103,8 +114,11 @@ class Config:
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"config key 'ema_decay' must be in [0, 1), got {self.ema_decay!r}")
         check_checkpoint_every(self.checkpoint_every)
-        if self.limit < 0 or self.num_threads < 0:
-            raise ConfigError("config keys 'limit' and 'num_threads' must be >= 0")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"config key 'limit' must be >= 1, or None (omit the key) for all images, "
+                              f"got {self.limit}")
+        if self.num_threads < 0:
+            raise ConfigError("config key 'num_threads' must be >= 0 (0 = automatic)")
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             raise ConfigError(f"config key 'channel_mults' must be positive integers, got {short(self.channel_mults)}")
         side = {"digits": 8, "mnist5k": 28, "photo-patches": self.patch_size}.get(self.dataset)

@@ -43,6 +43,7 @@ from ..models.gaussian_reward import GaussianRewardProblem
 from ..objectives import RewardEstimator
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
+from ..runtime.settings import setting
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
 from ..runtime.validation import check, check_fields, nonnegative, positive
@@ -59,26 +60,30 @@ THEORY_EXPONENTS = {"decreasing": -1 / 3, "constant": None, "continuous": -1 / 2
 class Config:
     """Settings of the rate study; the defaults run in about a minute on one CPU core."""
 
-    reward: Literal["quadratic", "bump"] = "quadratic"
-    target: tuple[float, ...] = (2.0, 1.0)  # t = θ*
-    curvatures: tuple[float, ...] = (1.0, 0.1)  # aᵢ of the quadratic reward (one per dimension)
-    bump_width: float = 1.0  # w of the bump reward
-    variance: float = 1.0  # σ² of π*(θ) = N(θ, σ²I)
-    theta0: tuple[float, ...] = (0.0, 0.0)
-    num_particles: int = 256  # N
-    num_steps: int = 20000  # K
-    rules: tuple[str, ...] = RULES
-    step_size: float = 0.5  # c in η_k = c/√(k+1) (rule "decreasing")
-    constant_step: float = 0.05  # η of rule "constant"
-    dt: float = 0.05  # h of rule "continuous"
-    lr: float = 1.0  # λ: θ_{k+1} = θ_k − λ η_k ε_k Γ
-    num_seeds: int = 3  # seeds seed, seed + 1, …
-    seed: int = 0
-    fit_from: float = 0.05  # fit the slope on K ∈ [fit_from·K_max, K_max]
-    dtype: Literal["float32", "float64"] = "float64"
-    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps
-    num_threads: int = 0  # 0: automatic (1 thread for these small batches)
-    progress: bool = True
+    reward: Literal["quadratic", "bump"] = setting("quadratic", "quadratic R(x) = −Σᵢ aᵢ(xᵢ − tᵢ)², or the bounded "
+                                                                "bump R(x) = exp(−‖x − t‖²/(2w²))")
+    target: tuple[float, ...] = setting((2.0, 1.0), "t = θ*, the reward's centre", allowed="at least one number")
+    curvatures: tuple[float, ...] = setting((1.0, 0.1), "aᵢ of the quadratic reward (one per entry of target)",
+                                                        allowed="numbers > 0")
+    bump_width: float = setting(1.0, "w of the bump reward", allowed="> 0")
+    variance: float = setting(1.0, "σ² of π*(θ) = N(θ, σ²I)", allowed="> 0")
+    theta0: tuple[float, ...] = setting((0.0, 0.0), "θ at the start (one entry per entry of target)")
+    num_particles: int = setting(256, "N, the particles", allowed=">= 2")
+    num_steps: int = setting(20000, "K, iterations of each run", unit="iterations", allowed="> 0")
+    rules: tuple[str, ...] = setting(RULES, "the step-size rules compared", allowed=RULES)
+    step_size: float = setting(0.5, "c in η_k = c/√(k+1) (rule decreasing)", allowed="> 0 and < 2·variance")
+    constant_step: float = setting(0.05, "η of rule constant", allowed="> 0 and < 2·variance")
+    dt: float = setting(0.05, "h of rule continuous", allowed="> 0 and < 2·variance")
+    lr: float = setting(1.0, "λ: θ_{k+1} = θ_k − λ η_k ε_k Γ", allowed="> 0")
+    num_seeds: int = setting(3, "seeds per rule: seed, seed + 1, …", allowed="from 1 to 2**20")
+    seed: int = setting(0, "random seed", allowed="an integer in [0, 2**63)")
+    fit_from: float = setting(0.05, "fit the slope on K ∈ [fit_from·K_max, K_max]", allowed="in (0, 1)")
+    dtype: Literal["float32", "float64"] = setting("float64", "floating-point type of the particles")
+    device: str = setting("auto", "where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N "
+                                  "or mps")
+    num_threads: int = setting(0, "CPU threads of torch; 0 (the default) = automatic: 1 thread for these small "
+                                  "batches", allowed="0 or an integer up to this machine's CPU count")
+    progress: bool = setting(True, "show a progress bar on the terminal")
 
     def __post_init__(self) -> None:
         check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)

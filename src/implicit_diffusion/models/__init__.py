@@ -1,5 +1,6 @@
 """Parametric models: potentials V(x, θ) and time-conditioned score networks."""
 
+from .diffusion_model import DiffusionModel
 from .mixture import HEXAGON_THETA0, GaussianMixture, hexagon_centres, hexagon_mixture
 from .potentials import (
     EnergyMLP,
@@ -16,6 +17,7 @@ from .tilted import TiltedPotential
 from .unet import UNet
 
 __all__ = [
+    "DiffusionModel",
     "HEXAGON_THETA0",
     "EnergyMLP",
     "FunctionPotential",

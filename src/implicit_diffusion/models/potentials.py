@@ -46,6 +46,9 @@ class Potential(nn.Module):
     :meth:`grad_x` and :meth:`accumulate_param_grad` with closed forms.
     """
 
+    def __init__(self) -> None:  # nn.Module's is (*args, **kwargs): say that a Potential takes nothing
+        super().__init__()
+
     def grad_x(self, x: Tensor) -> Tensor:
         """∇ₓV(x, θ) by autograd, shape ``(num_particles, dim)``.
 

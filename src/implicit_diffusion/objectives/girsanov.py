@@ -44,8 +44,9 @@ from torch import Tensor
 from torch.func import functional_call
 
 from .._checks import callable_name
+from ..models.diffusion_model import DiffusionModel
 from ..samplers.diffusion import ddpm_step, euler_maruyama_step
-from ..samplers.schedules import to_score
+from ..samplers.schedules import Prediction, to_score
 from .adjoint import ModelCall, Trajectory
 
 __all__ = ["GirsanovKL", "DiscreteMeanKL", "path_kl_cost", "score_kl_weights"]
@@ -73,11 +74,20 @@ class GirsanovKL:
     w·KL(path_θ ‖ path_θ₀) along the sampled path.
 
     Args:
-        model: the score model being finetuned, ``model(x, t)`` with x ``(B, *event)``, t ``(B,)``.
-            θ₀ = its parameters and buffers now.
+        model: the model being finetuned: a :class:`~implicit_diffusion.models.diffusion_model.DiffusionModel`
+            (its prediction type and schedule are used: nothing else to give), or a bare network
+            ``model(x, t)`` with x ``(B, *event)``, t ``(B,)``. θ₀ = its parameters and buffers now.
+            A bare network must say what it outputs: ``prediction`` or ``to_score``, or a ``prediction``
+            attribute equal to ``"score"`` (a network with no such attribute is taken to output the score,
+            as the sampler steps' default ``prediction="score"`` does); one whose ``prediction``
+            attribute is ``"epsilon"`` or ``"x0"`` and no conversion given is a ``ValueError``.
         times: forward-process times t_0 > … > t_M, a tensor ``(M+1,)``, or the sampler's
-            schedule (any object with such a ``times`` attribute).
+            schedule (any object with such a ``times`` attribute); default: the DiffusionModel's schedule.
         weight: w ≥ 0, the KL weight.
+        prediction: what a bare network outputs (``"score"``, ``"epsilon"``, ``"x0"``); converted to the
+            score on ``times``, which must then be a schedule. With a DiffusionModel: must be its own.
+        step: the sampler step whose transitions' exact KL is wanted (``ddpm_step`` or
+            ``euler_maruyama_step``: :func:`score_kl_weights`); default Euler–Maruyama's weights.
         beta: the noise rate β(t) of a VP schedule, ``beta(times) -> same shape``. Default: the
             schedule's own ``beta`` method when ``times`` is a schedule that has one
             (``samplers.schedules.VPSchedule``), else β ≡ 2 (the OU convention).
@@ -95,16 +105,23 @@ class GirsanovKL:
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        times,
+        model: torch.nn.Module | DiffusionModel,
+        times=None,
         weight: float = 1.0,
         *,
+        prediction: Prediction | None = None,
         to_score: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
         beta: Callable[[Tensor], Tensor] | None = None,
         step_weights: Sequence[float] | None = None,
+        step: Callable | None = None,
     ):
         if not weight >= 0:
             raise ValueError(f"weight must be ≥ 0, got {weight}")
+        model, times, to_score = _score_conversion(model, times, prediction, to_score)
+        if step is not None and step is not euler_maruyama_step:
+            if step_weights is not None:
+                raise ValueError("give step= or step_weights=, not both")
+            step_weights = score_kl_weights(step, times)
         self.model = model
         self.reference = _Frozen(model)
         self.weight = float(weight)
@@ -175,6 +192,40 @@ class GirsanovKL:
     def _score(self, net, x: Tensor, t: Tensor) -> Tensor:
         out = net(x, t)
         return out if self.to_score is None else self.to_score(out, x, t)
+
+
+def _score_conversion(model, times, prediction, convert):
+    """(network, times, to_score or None) for GirsanovKL: see its ``model`` argument."""
+    if convert is not None and prediction is not None:
+        raise ValueError("give prediction= or to_score=, not both")
+    if isinstance(model, DiffusionModel):
+        if convert is not None:
+            raise ValueError("a DiffusionModel converts its own output to the score: leave to_score out")
+        if prediction is not None and prediction != model.prediction:
+            raise ValueError(f"prediction={prediction!r} contradicts the DiffusionModel's prediction "
+                             f"{model.prediction!r}; leave prediction out (it is read from the model)")
+        times = model.schedule if times is None else times
+        return model.net, times, None if model.prediction == "score" else model.score_fn
+    if times is None:
+        raise TypeError("GirsanovKL needs times= (the sampler's schedule) for a bare network; or pass a "
+                        "DiffusionModel (implicit_diffusion.load_diffusion_model), which carries its schedule")
+    if convert is not None:
+        return model, times, convert
+    if prediction is None:
+        own = getattr(model, "prediction", "score")
+        if own != "score":
+            raise ValueError(f"GirsanovKL: the model's prediction attribute is {own!r}, not the score, and no "
+                             f"conversion was given (its output would be taken as a score: a wrong KL); pass a "
+                             f"DiffusionModel (load_diffusion_model), prediction={own!r} with the schedule as "
+                             f"times, or to_score=")
+        return model, times, None
+    if prediction == "score":
+        return model, times, None
+    if not hasattr(times, "log_alpha_bar"):
+        raise ValueError(f"prediction={prediction!r} is converted to the score on a schedule: pass the VPSchedule "
+                         f"as times (got {type(times).__name__})")
+    schedule = times
+    return model, times, lambda out, x, t: to_score(out, x, t, schedule, prediction)
 
 
 class DiscreteMeanKL:
@@ -272,8 +323,7 @@ def path_kl_cost(model: torch.nn.Module, schedule, weight: float, step=euler_mar
     ``euler_maruyama_step`` or ``ddpm_step`` (:func:`score_kl_weights`)."""
     prediction = model.prediction
     weights = None if step is euler_maruyama_step else score_kl_weights(step, schedule)
-    return GirsanovKL(model, schedule, weight, step_weights=weights,
-                      to_score=lambda out, x, t: to_score(out, x, t, schedule, prediction))
+    return GirsanovKL(model, schedule, weight, step_weights=weights, prediction=prediction)
 
 
 def _rates(beta, times: Tensor) -> list[float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import COLORS, figure, running_mean
+from .base import COLORS, DPI, figure, running_mean, upscale_factor, upscale_nearest
 
 __all__ = [
     "image_grid",
@@ -42,19 +42,31 @@ def image_grid(images, ncols: int = 8, pad: int = 1) -> np.ndarray:
 
 
 def plot_image_grids(path: str | Path, grids: Sequence[tuple[str, object]], *, ncols: int = 8,
-                     title: str = "") -> None:
-    """One panel per ``(label, images)``, side by side (e.g. samples at several finetuning steps)."""
-    tiles = [image_grid(images, ncols) for _, images in grids]
-    aspect = tiles[0].shape[0] / tiles[0].shape[1]
-    fig = figure(2.6 * len(grids) + 0.2, 2.6 * aspect + (0.7 if title else 0.4))
-    axes = fig.subplots(1, len(grids), squeeze=False)[0]
+                     title: str = ""):
+    """One panel per ``(label, images)`` (e.g. samples at several finetuning iterations), at most
+    two panels a row when there are more than two; returns the figure.
+
+    Small images are upscaled by nearest neighbour (:func:`.base.upscale_nearest`, each pixel a
+    k × k block with k = ⌈64/H⌉) and the figure is sized so that every image is drawn at least
+    64 pixels wide: an 8×8 digit shows its strokes instead of a blur."""
+    side = int(np.asarray(grids[0][1]).shape[-2])
+    k = upscale_factor(side)
+    tiles = [upscale_nearest(image_grid(images, ncols), k) for _, images in grids]
+    per_row = len(grids) if len(grids) <= 2 else -(-len(grids) // 2)
+    rows = -(-len(grids) // per_row)
+    h, w = tiles[0].shape[:2]
+    fig = figure(per_row * (w / DPI + 0.25) + 0.2, rows * (h / DPI + 0.4) + (0.4 if title else 0.1))
+    axes = fig.subplots(rows, per_row, squeeze=False).ravel()
     for ax, tile, (label, _) in zip(axes, tiles, grids):
         ax.imshow(tile, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(label, fontsize=9)
         ax.set_axis_off()
+    for ax in axes[len(grids):]:
+        ax.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path)
+    return fig
 
 
 def plot_points(path: str | Path, panels: Sequence[tuple[str, np.ndarray]], *, title: str = "") -> None:
@@ -86,10 +98,14 @@ def plot_loss_curve(path: str | Path, losses: np.ndarray, *, window: int = 200) 
     fig.savefig(path)
 
 
-def plot_finetune_curves(path: str | Path, runs: dict[str, dict[str, np.ndarray]], *, reward_name: str) -> None:
-    """Two panels against θ updates: evaluation reward ± 1 SE, and path KL ± 1 SE.
+def plot_finetune_curves(path: str | Path, runs: dict[str, dict[str, np.ndarray]], *, reward_name: str,
+                         xlabel: str = "iteration"):
+    """Two panels against the iteration counter ``step``: evaluation reward ± 1 SE, and path KL
+    ± 1 SE; returns the figure.
 
-    ``runs[label]`` has arrays ``step``, ``reward``, ``reward_se``, ``kl``, ``kl_se``.
+    ``runs[label]`` has arrays ``step``, ``reward``, ``reward_se``, ``kl``, ``kl_se``. The finetuning
+    loop counts iterations (the pipelined queue makes no θ update while it fills), hence the default
+    ``xlabel``; the sample grids of the same run are titled in the same unit.
     """
     fig = figure(10.0, 3.8)
     ax_r, ax_k = fig.subplots(1, 2)
@@ -102,10 +118,11 @@ def plot_finetune_curves(path: str | Path, runs: dict[str, dict[str, np.ndarray]
     ax_r.set_ylabel(f"mean {reward_name} of samples (± 1 SE)")
     ax_k.set_ylabel("KL(path_θ ‖ path_θ₀) (± 1 SE)")
     for ax in (ax_r, ax_k):
-        ax.set_xlabel("θ updates")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.savefig(path)
+    return fig
 
 
 def plot_tradeoff(path: str | Path, points: dict[str, tuple[float, float, float, float]], *,

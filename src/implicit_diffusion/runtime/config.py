@@ -204,7 +204,8 @@ def build_config(cls: type[C], *sources: Mapping[str, Any]) -> C:
     for source in sources:
         for key, value in source.items():
             if key not in fields:
-                raise ConfigError(f"unknown config key {short(key)}; valid keys: {', '.join(sorted(fields))}")
+                raise ConfigError(f"unknown config key {short(key)}; valid keys: {', '.join(sorted(fields))}; see "
+                                  f"`implicit-diffusion list{_job_name(cls)}` for what each means")
             check_value(key, value, hints[key], allow_inf=bool(fields[key].metadata.get("allow_inf")))
             values[key] = _coerce(key, value, hints[key])
     try:
@@ -213,6 +214,13 @@ def build_config(cls: type[C], *sources: Mapping[str, Any]) -> C:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+
+
+def _job_name(cls: type) -> str:
+    """" NAME" of the command that runs the config class ``cls`` (an experiment's module
+    ``experiments.langevin_mixture`` runs as ``langevin-mixture``), or "" for a class of no experiment."""
+    package, _, module = cls.__module__.rpartition(".")
+    return f" {module.replace('_', '-')}" if package.endswith(".experiments") else ""
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

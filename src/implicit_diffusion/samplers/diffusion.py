@@ -245,16 +245,19 @@ def sample(
     model: Model,
     x_init: Tensor,
     *,
-    schedule: VPSchedule,
+    schedule: VPSchedule | None = None,
     generator: torch.Generator | None = None,
     noises: Tensor | None = None,
-    prediction: Prediction = "score",
+    prediction: Prediction | None = None,
     return_trajectory: bool = False,
 ) -> Tensor | list[Tensor]:
     """Run all M steps from ``x_init`` at t = T (usually N(0, I) draws) to t_min.
 
     x_{m+1} = step(x_m, model, m, noise=noises[m]) for m = 0..M−1. ``x_init``: ``(B, *event)``;
     ``noises``: ``(M, B, *event)`` or ``None`` (then stochastic steps draw from ``generator``).
+    ``model``: a network (``schedule`` required; ``prediction`` default ``"score"``) or a
+    :class:`~implicit_diffusion.models.diffusion_model.DiffusionModel`, whose schedule and prediction
+    are used (a different ``prediction`` is a ``ValueError``).
     Returns x_M, or with ``return_trajectory=True`` the list [x_0, …, x_M] of M + 1 states.
     Grad mode belongs to the caller (with it on, x_M is differentiable through all the steps).
 
@@ -266,6 +269,7 @@ def sample(
         >>> x.shape
         torch.Size([4, 2])
     """
+    model, schedule, prediction = _unwrap(model, schedule, prediction)
     M = schedule.num_steps
     if noises is not None and noises.shape != (M, *x_init.shape):
         raise ValueError(
@@ -279,3 +283,16 @@ def sample(
         if return_trajectory:
             trajectory.append(x)
     return trajectory if return_trajectory else x
+
+
+def _unwrap(model, schedule, prediction):
+    """(network, schedule, prediction) of a DiffusionModel (anything with ``net``, ``prediction`` and
+    ``schedule``: samplers do not import models) or of a bare network with the given ones."""
+    if all(hasattr(model, a) for a in ("net", "prediction", "schedule")) and not isinstance(model, torch.nn.Module):
+        if prediction is not None and prediction != model.prediction:
+            raise ValueError(f"prediction={prediction!r} contradicts the model's prediction {model.prediction!r}; "
+                             f"leave prediction out (it is read from the model)")
+        return model.net, model.schedule if schedule is None else schedule, model.prediction
+    if schedule is None:
+        raise TypeError("sample() needs schedule= for a bare network (or pass a DiffusionModel)")
+    return model, schedule, "score" if prediction is None else prediction
