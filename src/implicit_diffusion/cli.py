@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _one_line(e: BaseException, limit: int = 500) -> str:
+def _one_line(e: BaseException, limit: int = 2000) -> str:
     """The exception's message on one line, at most ``limit`` characters."""
     text = " ".join(str(e).split())
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
