@@ -9,10 +9,29 @@ to check that the statistical tests pass over a sweep of seeds::
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
+
+
+@contextlib.contextmanager
+def crash_at(owner: type, method: str, at: int):
+    """Within the block, ``owner.method`` raises ``RuntimeError("simulated crash")`` when called with its
+    first argument after ``self`` (a step counter: ``EvalRecorder.record(done, x)``,
+    ``_LossLog.__call__(k, loss)``) equal to ``at``: a run that fails part-way, after its last checkpoint."""
+    original = getattr(owner, method)
+
+    def crash(self, step, *args, **kwargs):
+        if step == at:
+            raise RuntimeError("simulated crash")
+        return original(self, step, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(owner, method, crash)
+        yield
+
 
 # z-score used for statistical tolerances: P(|N(0,1)| > 5) ≈ 5.7e-7 per check.
 Z = 5.0

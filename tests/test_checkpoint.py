@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import crash_at
 from safetensors.torch import load_file, save_file
 
 from implicit_diffusion.cli import main
@@ -132,21 +133,12 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
     if sampler != "ula":
         reference = tmp_path / f"reference-{sampler}"
         execute(langevin_mixture, cfg, reference, name="langevin-mixture")
-    original = recording.EvalRecorder.record
-
-    def crash_at_500(self, done, x):
-        if done == 500:
-            raise RuntimeError("simulated crash")
-        return original(self, done, x)
-
-    monkeypatch.setattr(recording.EvalRecorder, "record", crash_at_500)
     run_dir = tmp_path / "crashed"
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at(recording.EvalRecorder, "record", 500), pytest.raises(RuntimeError, match="simulated crash"):
         execute(langevin_mixture, cfg, run_dir, name="langevin-mixture")
     saved, meta = load_checkpoint(run_dir / "checkpoint.safetensors")
     assert meta["step"] == 400
     assert ("sampler.dual" in saved) == (sampler == "primal-dual-box")  # the dual iterate is state too
-    monkeypatch.setattr(recording.EvalRecorder, "record", original)
     stale = run_dir / ".checkpoint.safetensors.abc123.tmp"  # as a SIGKILL during a write leaves
     stale.write_bytes(b"half a checkpoint")
     name, _, result, files = resume(run_dir, EXPERIMENTS)

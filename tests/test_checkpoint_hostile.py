@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import crash_at
 from safetensors.torch import load_file, save_file
 
 from implicit_diffusion.cli import main
@@ -33,17 +34,8 @@ TINY = dict(num_particles=20, num_steps=40, eval_every=10, snapshot_steps=(0, 40
 
 def _crash_langevin(run_dir: Path, config: langevin_mixture.Config, at: int = 30) -> None:
     """Run until the evaluation at ``at`` raises (after the checkpoint at 20, metrics written past it)."""
-    original = recording.EvalRecorder.record
-
-    def crash(self, done, x):
-        if done == at:
-            raise RuntimeError("simulated crash")
-        return original(self, done, x)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(recording.EvalRecorder, "record", crash)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            execute(langevin_mixture, config, run_dir, name="langevin-mixture")
+    with crash_at(recording.EvalRecorder, "record", at), pytest.raises(RuntimeError, match="simulated crash"):
+        execute(langevin_mixture, config, run_dir, name="langevin-mixture")
 
 
 @pytest.fixture(scope="module")
@@ -213,17 +205,8 @@ PRETRAIN = dict(dataset="images", num_steps=12, batch_size=4, base_channels=8, c
 
 
 def _crash_pretrain(config: pretrain.Config, run_dir: Path, at: int = 6) -> None:
-    original = pretrain._LossLog.__call__
-
-    def crash(self, k, loss):
-        if k == at:
-            raise RuntimeError("simulated crash")
-        return original(self, k, loss)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(pretrain._LossLog, "__call__", crash)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            execute(pretrain, config, run_dir, name="pretrain")
+    with crash_at(pretrain._LossLog, "__call__", at), pytest.raises(RuntimeError, match="simulated crash"):
+        execute(pretrain, config, run_dir, name="pretrain")
 
 
 @pytest.fixture(scope="module")
@@ -288,17 +271,8 @@ def test_ebm_data_changed_since_the_kill_are_refused(tmp_path, monkeypatch):
     data package) is what the fingerprint catches."""
     cfg = ebm.Config(num_train=60, num_heldout=40, num_particles=20, batch_size=20, num_steps=6, hidden=8,
                      eval_every=3, fresh_steps=2, progress=False, checkpoint_every=2, compare=False)
-    original = recording.EvalRecorder.record
-
-    def crash(self, done, x):
-        if done == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, done, x)
-
-    with monkeypatch.context() as m:
-        m.setattr(recording.EvalRecorder, "record", crash)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            execute(ebm, cfg, tmp_path / "run", name="ebm")
+    with crash_at(recording.EvalRecorder, "record", 3), pytest.raises(RuntimeError, match="simulated crash"):
+        execute(ebm, cfg, tmp_path / "run", name="ebm")
     real = ebm.train_heldout
 
     def shifted(*args, **kwargs):

@@ -17,6 +17,7 @@ from typing import Literal, get_args, get_origin
 
 import pytest
 import torch
+from conftest import crash_at
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -279,17 +280,8 @@ def crashed_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fuzz-resume") / "run"
     cfg = langevin_mixture.Config(num_particles=8, num_steps=20, eval_every=5, snapshot_steps=(0,), progress=False,
                                   checkpoint_every=10, optimizer="adam", lr_schedule="inverse-sqrt")
-    original = recording.EvalRecorder.record
-
-    def crash(self, done, x):
-        if done == 15:
-            raise RuntimeError("simulated crash")
-        return original(self, done, x)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(recording.EvalRecorder, "record", crash)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            execute(langevin_mixture, cfg, run_dir, name="langevin-mixture")
+    with crash_at(recording.EvalRecorder, "record", 15), pytest.raises(RuntimeError, match="simulated crash"):
+        execute(langevin_mixture, cfg, run_dir, name="langevin-mixture")
     return run_dir
 
 

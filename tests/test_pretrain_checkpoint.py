@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import same_tensors
+from conftest import crash_at, same_tensors
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -58,17 +58,8 @@ def reference(tmp_path_factory, tiny) -> Path:
 def _crash(tiny: dict, run_dir: Path, monkeypatch, at: int = 50) -> dict:
     """Run ``tiny``, raising when step ``at`` is logged (after the checkpoint at 40, with steps 40 … 49
     flushed to the metrics by the failing run); return the checkpoint's meta."""
-    original = pretrain._LossLog.__call__
-
-    def crash(self, k, loss):
-        if k == at:
-            raise RuntimeError("simulated crash")
-        return original(self, k, loss)
-
-    with monkeypatch.context() as m:
-        m.setattr(pretrain._LossLog, "__call__", crash)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            execute(pretrain, pretrain.Config(**tiny), run_dir, name="pretrain")
+    with crash_at(pretrain._LossLog, "__call__", at), pytest.raises(RuntimeError, match="simulated crash"):
+        execute(pretrain, pretrain.Config(**tiny), run_dir, name="pretrain")
     return load_checkpoint(run_dir / "checkpoint.safetensors")[1]
 
 
