@@ -45,7 +45,7 @@ class Config:
     algorithms: tuple[str, ...] = setting(
         ("queue-pipelined", "queue-sequential", "nested-adjoint"), "the algorithms run one after another from the "
                                                                    "same seed", allowed=ALGORITHMS)
-    seed: int = setting(0, "random seed", allowed="an integer in [0, 2**63)")
+    seed: int = setting(0, "random seed")
     progress: bool = setting(True, "show a progress bar on the terminal")
     device: str = setting("auto", "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps (float64 throughout)")
 

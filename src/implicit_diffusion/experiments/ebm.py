@@ -99,7 +99,7 @@ class EBMConfig:
                                                     "set's own ((0.1, 0.3, 1) for 2-D data, (1, 2, 4) for digits)",
                                                     allowed="numbers > 0")
     compare: bool = setting(True, "also train the nested-loop baseline")
-    seed: int = setting(0, "random seed", allowed="an integer in [0, 2**63)")
+    seed: int = setting(0, "random seed")
     dtype: Literal["float32", "float64"] = setting("float32", "floating-point type of the particles and the energy")
     device: str = setting("auto", "where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N "
                                   "or mps")

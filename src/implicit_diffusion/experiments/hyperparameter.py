@@ -74,7 +74,7 @@ class HyperparameterConfig:
     grid_min: float = setting(-12.0, "lower end of the θ grid of the reference optimum", allowed="< grid_max")
     grid_max: float = setting(6.0, "upper end of the θ grid of the reference optimum", allowed="> grid_min")
     grid_points: int = setting(361, "points of the θ grid of the reference optimum", allowed=">= 3")
-    seed: int = setting(0, "random seed of the train/validation split", allowed="an integer in [0, 2**63)")
+    seed: int = setting(0, "random seed of the train/validation split")
     num_threads: int = setting(1, "CPU threads of torch", allowed="an integer from 1 to this machine's CPU count")
     device: str = setting("auto", "the algorithms' device (auto: CUDA when available, else CPU; cpu, cuda, cuda:N, "
                                   "mps); the exact references are computed on the CPU")

@@ -81,7 +81,7 @@ class Config:
     num_samples: int = setting(64, "images drawn from the EMA model for the figure (2-D data: 2,000 points)",
                                    allowed="> 0")
     sampling_steps: int = setting(100, "sampler steps of those samples", unit="sampler steps", allowed="> 0")
-    seed: int = setting(0, "random seed", allowed="an integer in [0, 2**63)")
+    seed: int = setting(0, "random seed")
     num_threads: int = setting(0, "CPU threads of torch; 0 (the default) = automatic: torch's default",
                                   allowed="0 or an integer up to this machine's CPU count")
     progress: bool = setting(True, "show a progress bar on the terminal")

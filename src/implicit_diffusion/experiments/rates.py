@@ -76,7 +76,7 @@ class Config:
     dt: float = setting(0.05, "h of rule continuous", allowed="> 0 and < 2·variance")
     lr: float = setting(1.0, "λ: θ_{k+1} = θ_k − λ η_k ε_k Γ", allowed="> 0")
     num_seeds: int = setting(3, "seeds per rule: seed, seed + 1, …", allowed="from 1 to 2**20")
-    seed: int = setting(0, "random seed", allowed="an integer in [0, 2**63)")
+    seed: int = setting(0, "random seed")
     fit_from: float = setting(0.05, "fit the slope on K ∈ [fit_from·K_max, K_max]", allowed="in (0, 1)")
     dtype: Literal["float32", "float64"] = setting("float64", "floating-point type of the particles")
     device: str = setting("auto", "where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N "

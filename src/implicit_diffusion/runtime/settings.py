@@ -54,6 +54,10 @@ def _toml(value: Any) -> str:
 
 def _allowed(field: dataclasses.Field, tp: Any) -> str | None:
     allowed = field.metadata.get("allowed")
+    if allowed is None and field.name == "seed":  # the rule every seed obeys (runtime.validation)
+        from .validation import SEED_ALLOWED
+
+        return SEED_ALLOWED
     if isinstance(allowed, str):
         return allowed
     if allowed is not None:

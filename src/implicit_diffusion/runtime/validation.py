@@ -37,8 +37,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from ..errors import ConfigError
 
-__all__ = ["FLOAT_MAX", "INT_BOUND", "MAX_STRING", "check", "check_fields", "check_value", "clip", "cpu_count",
-           "nonnegative", "one_of", "positive", "short"]
+__all__ = ["FLOAT_MAX", "INT_BOUND", "MAX_STRING", "SEED_ALLOWED", "check", "check_fields", "check_value", "clip",
+           "cpu_count", "nonnegative", "one_of", "positive", "short"]
 
 FLOAT_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 INT_BOUND = 2**63  # |v| < 2**63 (int64)
@@ -110,10 +110,13 @@ def one_of(config: Any, name: str, allowed: Iterable[str]) -> None:
 
 # --- the rules of every field -------------------------------------------------------------------
 
+SEED_ALLOWED = "an integer in [0, 2**63)"  # what every experiment's seed may be (also shown by `list`)
+
+
 def _int_range(name: str) -> tuple[int, int, str]:
     """(low, high, what) with low <= v <= high allowed for an integer key."""
     if name == "seed":
-        return 0, INT_BOUND - 1, "an integer in [0, 2**63)"
+        return 0, INT_BOUND - 1, SEED_ALLOWED
     if name == "num_threads":
         n = cpu_count()
         return 0, n, f"an integer in [0, {n}] (0 = automatic; this machine has {n} CPUs)"
