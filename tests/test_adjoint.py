@@ -154,7 +154,7 @@ def make_problem(name, generator, with_cost=True) -> Problem:
             sigmas = [ddpm_noise_std(schedule, m) for m in range(M)]
             cost = DiscreteMeanKL(ddpm_step, model, sigmas, BETA, schedule=schedule)
         else:
-            cost = GirsanovKL(model, schedule, BETA)
+            cost = GirsanovKL(model, schedule, BETA, prediction="score")
         perturb(model, generator)  # θ ≠ θ₀, else the KL term and its gradients vanish
     return Problem(STEPS[name], model, x0, noises, schedule, cost)
 
@@ -433,10 +433,10 @@ def test_bad_arguments_name_the_problem(generator):
         adjoint_backward(pb.step, pb.model, traj, None, torch.zeros(B, D, dtype=torch.float64),
                          running_cost=lambda x, m: x.sum(1), **common)  # fmt: skip
     with pytest.raises(ValueError, match="strictly decreasing"):
-        GirsanovKL(pb.model, torch.linspace(0.0, 1.0, M + 1))
+        GirsanovKL(pb.model, torch.linspace(0.0, 1.0, M + 1), prediction="score")
     noise_traj = sample_with_trajectory(pb.step, pb.model, pb.x0, pb.noises, store="noise", **common)
     with pytest.raises(ValueError, match="checkpoints only"):
-        GirsanovKL(pb.model, pb.schedule).path_kl(noise_traj)
+        GirsanovKL(pb.model, pb.schedule, prediction="score").path_kl(noise_traj)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +446,7 @@ def test_bad_arguments_name_the_problem(generator):
 
 def test_girsanov_zero_at_reference_positive_elsewhere(generator):
     pb = make_problem("em", generator, with_cost=False)
-    kl = GirsanovKL(pb.model, pb.schedule, weight=BETA)
+    kl = GirsanovKL(pb.model, pb.schedule, weight=BETA, prediction="score")
     traj = sample_with_trajectory(pb.step, pb.model, pb.x0, pb.noises, schedule=pb.schedule)
     assert float(kl.path_kl(traj)) == 0.0
     # at θ = θ₀ the cost is at its minimum: zero value, zero gradients in x and θ
@@ -475,11 +475,11 @@ def test_girsanov_constant_is_the_exact_transition_kl(kind, generator):
     times = pb.schedule.times
     schedule, step = (pb.schedule, em_step) if kind == "ou" else (VPLikeSchedule(times), vp_em_step)
     theta0 = copy.deepcopy(pb.model)
-    kl = GirsanovKL(pb.model, schedule, weight=1.0)  # β(t) read from the schedule when it has one
+    kl = GirsanovKL(pb.model, schedule, weight=1.0, prediction="score")  # β(t) read from the schedule when it has one
     rate = [2.0 if kind == "ou" else float(schedule.beta(times[m])) for m in range(M)]
     sigmas = [math.sqrt(rate[m] * float(times[m] - times[m + 1])) for m in range(M)]
     mean_kl = DiscreteMeanKL(step, pb.model, sigmas, 1.0, schedule=schedule)
-    ou_constant = GirsanovKL(pb.model, times)
+    ou_constant = GirsanovKL(pb.model, times, prediction="score")
     perturb(pb.model, generator)
     traj = sample_with_trajectory(step, pb.model, pb.x0, pb.noises, schedule=schedule)
     total = 0.0
@@ -507,7 +507,7 @@ def test_girsanov_linear_gaussian_closed_form():
     for n in (25, 50, 100, 200):
         model = LinearScore(theta0)
         sched = Schedule(torch.linspace(T, 0.0, n + 1, dtype=torch.float64))
-        kl = GirsanovKL(model, sched)
+        kl = GirsanovKL(model, sched, prediction="score")
         with torch.no_grad():
             model.theta.fill_(theta)
         g = torch.Generator().manual_seed(n)

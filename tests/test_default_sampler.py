@@ -142,7 +142,7 @@ def test_ddpm_weights_tend_to_girsanov_on_fine_steps():
     for M in (2_000, 4_000):
         schedule = VPSchedule("linear", num_steps=M)
         ddpm, em = score_kl_weights(ddpm_step, schedule), score_kl_weights(euler_maruyama_step, schedule)
-        assert em == pytest.approx(GirsanovKL(torch.nn.Linear(1, 1), schedule).step_weights, rel=1e-12)
+        assert em == pytest.approx(GirsanovKL(torch.nn.Linear(1, 1), schedule, prediction="score").step_weights, rel=1e-12)
         gap = [abs(d / e - 1) for d, e in zip(ddpm[: M // 2], em[: M // 2])]
         assert all(g < 2 * e for g, e in zip(gap, em))  # 2·½βh = βh
         gaps.append(max(gap))
@@ -157,9 +157,9 @@ def test_deterministic_steps_have_no_closed_form_path_kl():
 def test_step_weights_are_checked():
     schedule = VPSchedule("linear", num_steps=3)
     with pytest.raises(ValueError, match=r"step_weights must be 3 finite numbers >= 0 \(one per step\)"):
-        GirsanovKL(torch.nn.Linear(1, 1), schedule, step_weights=[1.0, 2.0])
+        GirsanovKL(torch.nn.Linear(1, 1), schedule, step_weights=[1.0, 2.0], prediction="score")
     with pytest.raises(ValueError, match="step_weights must be 3 finite numbers"):
-        GirsanovKL(torch.nn.Linear(1, 1), schedule, step_weights=[1.0, -2.0, 0.0])
+        GirsanovKL(torch.nn.Linear(1, 1), schedule, step_weights=[1.0, -2.0, 0.0], prediction="score")
 
 
 def test_finetune_takes_the_sampler_and_checks_it():

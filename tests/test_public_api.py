@@ -101,6 +101,11 @@ def test_girsanov_refuses_to_take_an_epsilon_output_for_a_score():
     with pytest.raises(TypeError, match="times="):
         GirsanovKL(net)
     GirsanovKL(ScoreMLP(2, hidden=8, depth=1, prediction="score"), schedule)  # a score model needs nothing
+    # a network that does not say what it outputs (a diffusers UNet2DModel, a plain nn.Module) is not
+    # guessed to be a score model: the ε output read as a score was the silent wrong KL
+    with pytest.raises(ValueError, match="say what the network .* outputs"):
+        GirsanovKL(torch.nn.Linear(2, 2), schedule)
+    assert GirsanovKL(torch.nn.Linear(2, 2), schedule, prediction="score").to_score is None
 
 
 def test_girsanov_step_ddpm_uses_the_ddpm_weights():

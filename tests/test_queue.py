@@ -142,7 +142,7 @@ def test_batched_kl_running_cost_equals_one_call_per_batch(adjoint):
         model, algo = make("queue", sched, batch=5, adjoint=adjoint)
         model.theta.data.fill_(0.5)
         if wrap is not None:
-            algo.running_cost = wrap(GirsanovKL(model, sched, weight=3.0))
+            algo.running_cost = wrap(GirsanovKL(model, sched, weight=3.0, prediction="score"))
         runs.append(thetas(model, algo, 12))
     torch.testing.assert_close(torch.tensor(runs[0]), torch.tensor(runs[1]), rtol=1e-12, atol=1e-12)
     assert max(abs(a - b) for a, b in zip(runs[0], runs[2])) > 1e-3
@@ -170,7 +170,7 @@ def _queue_run(adjoint, *, max_batch=None, cost=None, steps=14, batch=5):
     model, algo = make("queue", sched, batch=batch, adjoint=adjoint, max_batch=max_batch)
     model.theta.data.fill_(0.5)
     if cost is not None:
-        algo.running_cost = cost(GirsanovKL(model, sched, weight=3.0))
+        algo.running_cost = cost(GirsanovKL(model, sched, weight=3.0, prediction="score"))
     return torch.tensor(thetas(model, algo, steps))
 
 
@@ -212,7 +212,7 @@ def test_the_kl_reuses_the_steps_network_forward_with_the_same_result(adjoint):
 
     sched = VPSchedule("ou", num_steps=4, T=1.0, t_min=0.0)
     model = GaussianScore(0.3)
-    kl = GirsanovKL(model, sched, weight=1.0)
+    kl = GirsanovKL(model, sched, weight=1.0, prediction="score")
     calls = []
     model.register_forward_hook(lambda mod, args, out: calls.append(1))
     x, a = torch.randn(6, 1, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)

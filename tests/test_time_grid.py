@@ -83,7 +83,7 @@ def test_the_sampler_on_a_bent_grid_has_the_exact_discrete_law(generator):
 
 def test_the_path_kl_weighs_each_step_by_its_own_length():
     schedule = VPSchedule("linear", num_steps=5, time_power=3.0)
-    kl = GirsanovKL(torch.nn.Linear(1, 1), schedule)
+    kl = GirsanovKL(torch.nn.Linear(1, 1), schedule, prediction="score")
     t = schedule.times
     expected = [0.5 * float(schedule.beta(t[m])) * float(t[m] - t[m + 1]) for m in range(5)]
     assert kl.step_weights == pytest.approx(expected, rel=1e-12)

@@ -78,9 +78,9 @@ class GirsanovKL:
             (its prediction type and schedule are used: nothing else to give), or a bare network
             ``model(x, t)`` with x ``(B, *event)``, t ``(B,)``. θ₀ = its parameters and buffers now.
             A bare network must say what it outputs: ``prediction`` or ``to_score``, or a ``prediction``
-            attribute equal to ``"score"`` (a network with no such attribute is taken to output the score,
-            as the sampler steps' default ``prediction="score"`` does); one whose ``prediction``
-            attribute is ``"epsilon"`` or ``"x0"`` and no conversion given is a ``ValueError``.
+            attribute equal to ``"score"``; one with no such attribute, or whose ``prediction`` attribute
+            is ``"epsilon"`` or ``"x0"``, and no conversion given is a ``ValueError`` (an ε-prediction
+            read as a score would be a wrong KL with no error).
         times: forward-process times t_0 > … > t_M, a tensor ``(M+1,)``, or the sampler's
             schedule (any object with such a ``times`` attribute); default: the DiffusionModel's schedule.
         weight: w ≥ 0, the KL weight.
@@ -212,7 +212,12 @@ def _score_conversion(model, times, prediction, convert):
     if convert is not None:
         return model, times, convert
     if prediction is None:
-        own = getattr(model, "prediction", "score")
+        own = getattr(model, "prediction", None)
+        if own is None:
+            raise ValueError(f"GirsanovKL: say what the network {callable_name(model)} outputs: prediction='score', "
+                             f"'epsilon' or 'x0' (with the schedule as times), or to_score=; or pass a "
+                             f"DiffusionModel (load_diffusion_model), which knows it. Taking an ε- or x₀-prediction "
+                             f"as a score would give a wrong KL with no error")
         if own != "score":
             raise ValueError(f"GirsanovKL: the model's prediction attribute is {own!r}, not the score, and no "
                              f"conversion was given (its output would be taken as a score: a wrong KL); pass a "
