@@ -225,3 +225,36 @@ def test_callback_protocol_documents_the_stats_each_algorithm_reports():
     cb: Callback = lambda k, x, stats: seen.append(stats)  # noqa: E731
     algo.run(2, generator=torch.Generator().manual_seed(0), callbacks=[cb])
     assert len(seen) == 2 and all(set(s) <= documented and "reward" in s for s in seen)
+
+
+@pytest.mark.parametrize("through", ["adjoint", "autograd"])
+def test_gradients_through_the_sampler_read_the_diffusion_model(through):
+    """adjoint_through_sampler / autograd_through_sampler on a DiffusionModel: the same gradient as the bare
+    ε-network with its schedule and prediction='epsilon' spelled out; a contradicting prediction is an error."""
+    from implicit_diffusion.objectives.adjoint import adjoint_through_sampler, autograd_through_sampler
+
+    fn = adjoint_through_sampler if through == "adjoint" else autograd_through_sampler
+    net, schedule, model = eps_model()
+    perturb(net)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    noises = torch.randn(schedule.num_steps, 5, 2, generator=g, dtype=torch.float64)
+    reward = lambda x: -(x - 1.0).pow(2).sum(1)  # noqa: E731
+    by_model = fn(ddpm_step, model, x0, noises, reward, running_cost=GirsanovKL(model, step=ddpm_step))
+    g_model = [p.grad.clone() for p in net.parameters()]
+    for p in net.parameters():
+        p.grad = None
+    by_hand = fn(ddpm_step, net, x0, noises, reward, schedule=schedule, prediction="epsilon",
+                 running_cost=GirsanovKL(net, schedule, prediction="epsilon", step=ddpm_step))
+    for a, b in zip(g_model, [p.grad for p in net.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(by_model.loss, by_hand.loss, rtol=1e-12, atol=0)
+    # a wrong reading (the ε output taken as a score) is a different gradient: the test can fail
+    for p in net.parameters():
+        p.grad = None
+    fn(ddpm_step, net, x0, noises, reward, schedule=schedule, prediction="score")
+    assert not all(torch.allclose(a, p.grad) for a, p in zip(g_model, net.parameters(), strict=True))
+    with pytest.raises(ValueError, match="contradicts"):
+        fn(ddpm_step, model, x0, noises, reward, prediction="score")
+    with pytest.raises(TypeError, match="schedule= is required"):
+        fn(ddpm_step, net, x0, noises, reward, prediction="epsilon")

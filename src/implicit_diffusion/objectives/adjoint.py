@@ -30,6 +30,9 @@ Every sampler step is called as (``step_kwargs`` passed through, e.g. ``predicti
     step(x, model, m, *, schedule, noise=noise_m, **step_kwargs) -> x_next  (or (x_next, info))
 
 with x ``(B, *event)``, ``m`` the step index and ``model(x, t)`` the network, t of shape ``(B,)``.
+``model`` may be a :class:`~implicit_diffusion.models.diffusion_model.DiffusionModel` (from
+:func:`~implicit_diffusion.load_diffusion_model`): its network is called, its schedule is the default
+``schedule=`` and its prediction type is passed as ``prediction=`` (a different one is a ``ValueError``).
 The sweep calls each step again, so the model must be a deterministic function of (x, t, θ)
 (no dropout or train-mode batch norm) and the noises and x_init must not be modified in place
 in between.
@@ -68,6 +71,7 @@ import torch
 from torch import Tensor
 
 from .._checks import call_user, callable_name, check_values
+from ..models.diffusion_model import DiffusionModel, resolve_model
 
 __all__ = [
     "ModelCall",
@@ -168,11 +172,11 @@ class SamplerGradInfo(NamedTuple):
 
 def sample_with_trajectory(
     step: Step,
-    model: torch.nn.Module,
+    model: torch.nn.Module | DiffusionModel,
     x_init: Tensor,
     noises: Noises,
     *,
-    schedule,
+    schedule=None,
     store: Store = "states",
     checkpoint_every: int | None = None,
     num_steps: int | None = None,
@@ -186,6 +190,7 @@ def sample_with_trajectory(
     its checkpoint and the noises. ``num_steps`` is needed only when ``noises`` is a function
     or ``None``. Shapes: ``x_init`` ``(B, *event)``; ``noises`` ``(M, B, *event)``.
     """
+    model, schedule, step_kwargs = _resolve_model(model, schedule, step_kwargs)
     _check_step_kwargs(step_kwargs)
     m_total, noise_at = _resolve_noises(noises, num_steps)
     stride = _stride(store, checkpoint_every, m_total)
@@ -203,12 +208,12 @@ def sample_with_trajectory(
 
 def adjoint_backward(
     step: Step,
-    model: torch.nn.Module,
+    model: torch.nn.Module | DiffusionModel,
     states: Trajectory | Tensor | Sequence[Tensor],
     noises: Noises,
     terminal_grad: Tensor,
     *,
-    schedule,
+    schedule=None,
     running_cost: RunningCost | None = None,
     params: Iterable[Tensor] | None = None,
     **step_kwargs,
@@ -226,18 +231,19 @@ def adjoint_backward(
         running_cost: ``c(x, m) -> 0-d tensor``, differentiable in x and θ.
         params: where the gradient goes; default the model's parameters that require grad.
     """
+    model, schedule, step_kwargs = _resolve_model(model, schedule, step_kwargs)
     a_0, _ = _adjoint_sweep(step, model, states, noises, terminal_grad, schedule, running_cost, params, step_kwargs)
     return a_0
 
 
 def adjoint_surrogate(
     step: Step,
-    model: torch.nn.Module,
+    model: torch.nn.Module | DiffusionModel,
     states: Trajectory | Tensor | Sequence[Tensor],
     noises: Noises,
     terminal_grad: Tensor,
     *,
-    schedule,
+    schedule=None,
     running_cost: RunningCost | None = None,
     **step_kwargs,
 ) -> tuple[Tensor, Tensor]:
@@ -249,6 +255,7 @@ def adjoint_surrogate(
     Memory: it holds all M step graphs until its backward (like autograd through the sampler);
     prefer :func:`adjoint_backward` where that matters.
     """
+    model, schedule, step_kwargs = _resolve_model(model, schedule, step_kwargs)
     traj = _as_trajectory(states, noises)
     _check_step_kwargs(step_kwargs)
     terms = []
@@ -281,12 +288,12 @@ def terminal_reward_gradient(reward_fn: Callable[[Tensor], Tensor], x: Tensor, w
 
 def adjoint_through_sampler(
     step: Step,
-    model: torch.nn.Module,
+    model: torch.nn.Module | DiffusionModel,
     x_init: Tensor,
     noises: Noises,
     reward_fn: Callable[[Tensor], Tensor],
     *,
-    schedule,
+    schedule=None,
     weight: float = 1.0,
     running_cost: RunningCost | None = None,
     params: Iterable[Tensor] | None = None,
@@ -301,6 +308,7 @@ def adjoint_through_sampler(
     :func:`terminal_reward_gradient`, then :func:`adjoint_backward`. Same arguments and result
     as :func:`autograd_through_sampler`, plus the storage options.
     """
+    model, schedule, step_kwargs = _resolve_model(model, schedule, step_kwargs)
     traj = sample_with_trajectory(
         step, model, x_init, noises, schedule=schedule, store=store,
         checkpoint_every=checkpoint_every, num_steps=num_steps, **step_kwargs,
@@ -313,12 +321,12 @@ def adjoint_through_sampler(
 
 def autograd_through_sampler(
     step: Step,
-    model: torch.nn.Module,
+    model: torch.nn.Module | DiffusionModel,
     x_init: Tensor,
     noises: Noises,
     reward_fn: Callable[[Tensor], Tensor],
     *,
-    schedule,
+    schedule=None,
     weight: float = 1.0,
     running_cost: RunningCost | None = None,
     params: Iterable[Tensor] | None = None,
@@ -329,6 +337,7 @@ def autograd_through_sampler(
 
     Holds the graph of all M steps at once. Same result as :func:`adjoint_through_sampler`.
     """
+    model, schedule, step_kwargs = _resolve_model(model, schedule, step_kwargs)
     _check_step_kwargs(step_kwargs)
     m_total, noise_at = _resolve_noises(noises, num_steps)
     params = _resolve_params(model, params)
@@ -348,6 +357,17 @@ def autograd_through_sampler(
 
 
 # ---------------------------------------------------------------------------------------------
+def _resolve_model(model, schedule, step_kwargs):
+    """A :class:`~implicit_diffusion.models.diffusion_model.DiffusionModel` → (its network, its schedule unless
+    one is given, step_kwargs with its ``prediction``); a bare network passes through (schedule required)."""
+    if isinstance(model, DiffusionModel):
+        net, schedule, prediction = resolve_model(model, schedule, step_kwargs.get("prediction"))
+        return net, schedule, {**step_kwargs, "prediction": prediction}
+    if schedule is None:
+        raise TypeError("schedule= is required with a bare network (the sampler's time grid); or pass a "
+                        "DiffusionModel (implicit_diffusion.load_diffusion_model), which carries its schedule")
+    return model, schedule, step_kwargs
+
 
 
 def _adjoint_sweep(step, model, states, noises, terminal_grad, schedule, running_cost, params, step_kwargs):
@@ -366,13 +386,13 @@ def _adjoint_sweep(step, model, states, noises, terminal_grad, schedule, running
 
 def adjoint_step(
     step: Step,
-    model: torch.nn.Module,
+    model: torch.nn.Module | DiffusionModel,
     m: int | Tensor,
     x_m: Tensor,
     a_next: Tensor,
     noise: Tensor | None,
     *,
-    schedule,
+    schedule=None,
     running_cost: RunningCost | None = None,
     params: Iterable[Tensor] | None = None,
     **step_kwargs,
@@ -381,6 +401,7 @@ def adjoint_step(
     (a_m, c_m) with a_m = (∂ₓφ_m)ᵀa_{m+1} + ∇ₓc_m. ``m`` may be a per-sample index tensor
     ``(B,)`` (the queue algorithm sweeps batches at different steps in one call); the running
     cost then receives that tensor."""
+    model, schedule, step_kwargs = _resolve_model(model, schedule, step_kwargs)
     _check_step_kwargs(step_kwargs)
     with torch.enable_grad():
         return _vjp_step(step, model, m, x_m, a_next.detach(), noise, schedule, running_cost,
