@@ -195,8 +195,10 @@ def test_load_diffusion_model_from_a_name_a_file_and_a_diffusers_directory(tmp_p
     d = load_diffusion_model(tmp_path / "d", num_sampling_steps=5)
     assert (d.prediction, d.data_shape, d.schedule.num_steps, d.diffusers is not None) == ("epsilon", (1, 8, 8), 5,
                                                                                            True)
-    with pytest.raises(implicit_diffusion.errors.DataError, match="no diffusion model"):
+    with pytest.raises(implicit_diffusion.errors.DataError, match="no such model file or diffusers directory"):
         load_diffusion_model(tmp_path / "missing")
+    with pytest.raises(implicit_diffusion.errors.DataError, match="no diffusion model 'digitz'.*digits"):
+        load_diffusion_model("digitz")
 
 
 def test_rewards_and_loaders_are_exported():

@@ -219,8 +219,9 @@ class Result:
 
 
 def _load_model(config: Config, metrics_sink):
-    from ..models.io import load_score_model
-    from ..pretrained import PRETRAINED, load_pretrained
+    """(network, schedule, data shape, source, LoadedDiffusers or None) of the model to finetune."""
+    from ..pretrained import PRETRAINED
+    from ..pretrained.loading import load_diffusion_model
 
     if config.diffusers_model:
         from ..models.diffusers_adapter import load_diffusers
@@ -235,25 +236,14 @@ def _load_model(config: Config, metrics_sink):
                                            progress=config.progress, device=config.device, dtype=config.dtype),
                          metrics_sink=metrics_sink)
         return pre.model, pre.schedule, tuple(pre.data_sample.shape[1:]), f"pretrained here on {config.data}", None
-    if config.model in PRETRAINED and not Path(config.model).exists():  # a shipped model's name
-        loaded, source = load_pretrained(config.model), f"shipped '{config.model}' model"
-    elif config.model:
-        loaded, source = load_score_model(config.model), config.model
-    else:
-        name = DEFAULT_MODEL[config.reward]
-        loaded, source = load_pretrained(name), f"shipped '{name}' model"
-    shape = loaded.extra.get("data_shape")
-    if not hasattr(loaded.model, "in_channels"):  # a ScoreMLP: points, not images
-        shape = shape or [loaded.model.config["dim"]]
-    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
-        raise ConfigError(f"{source}: the file does not record its data shape (extra['data_shape']); "
-                          f"save it with `implicit-diffusion pretrain`")
-    if len(shape) != 3 or not hasattr(loaded.model, "in_channels"):
+    model = load_diffusion_model(config.model or DEFAULT_MODEL[config.reward])
+    if len(model.data_shape) != 3 or not hasattr(model.net, "in_channels"):
         # found here, not deep inside the image reward at the first step
-        raise ConfigError(f"config key 'model': {source} makes samples of shape {tuple(shape)}, diffusion-finetune "
-                          f"needs images (C, H, W); use a shipped image model ({', '.join(PRETRAINED)}) or one "
-                          f"from `implicit-diffusion pretrain digits|mnist|cifar10|images` instead")
-    return loaded.model, loaded.schedule, tuple(shape), source, None
+        raise ConfigError(f"config key 'model': {model.source} makes samples of shape {model.data_shape}, "
+                          f"diffusion-finetune needs images (C, H, W); use a shipped image model "
+                          f"({', '.join(PRETRAINED)}) or one from `implicit-diffusion pretrain "
+                          f"digits|mnist|cifar10|images` instead")
+    return model.net, model.schedule, model.data_shape, model.source, None
 
 
 def run(config: Config, *, metrics_sink=None, checkpoints: Checkpoints | None = None) -> Result:

@@ -50,6 +50,10 @@ def load_diffusion_model(source: str | Path, *, num_sampling_steps: int | None =
         net, schedule, shape, label = diffusers.model, diffusers.schedule, diffusers.shape, f"diffusers model {path}"
     elif path.is_file():
         loaded, label = load_score_model(path), str(path)
+    elif path.suffix or len(path.parts) > 1:  # meant as a path
+        raise DataError(f"no such model file or diffusers directory: {str(source)!r} (a model file from "
+                        f"`implicit-diffusion pretrain`, a diffusers model directory, or a shipped model's name: "
+                        f"{', '.join(PRETRAINED)})")
     else:
         raise DataError(f"no diffusion model {str(source)!r}: expected a shipped model's name "
                         f"({', '.join(PRETRAINED)}), a model file from `implicit-diffusion pretrain` or a "
