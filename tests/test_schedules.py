@@ -431,7 +431,8 @@ def test_adjoint_through_ddpm_steps_on_a_discrete_schedule_equals_autograd(gener
     def reward(x):
         return -((x - f64([1.0, -0.5])) ** 2).sum(1) + torch.sin(2 * x[:, 0])
 
-    cases = [(ddpm_step, None, "epsilon"), (euler_maruyama_step, GirsanovKL(net, sch, 0.7, prediction="score"), "score")]
+    score_kl = GirsanovKL(net, sch, 0.7, prediction="score")
+    cases = [(ddpm_step, None, "epsilon"), (euler_maruyama_step, score_kl, "score")]
     with torch.no_grad():  # θ ≠ θ₀ of the path KL
         net.b.add_(0.2)
     for step, cost, prediction in cases:
