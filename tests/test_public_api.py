@@ -201,6 +201,36 @@ def test_load_diffusion_model_from_a_name_a_file_and_a_diffusers_directory(tmp_p
         load_diffusion_model("digitz")
 
 
+def test_a_saved_diffusion_model_loads_back_as_the_same_model(tmp_path):
+    """DiffusionModel.save writes what load_diffusion_model reads: θ, prediction, schedule and data shape."""
+    net, schedule, model = eps_model()
+    perturb(net)
+    model.save(tmp_path / "m.safetensors", extra={"note": "finetuned"})
+    back = load_diffusion_model(tmp_path / "m.safetensors")
+    assert (back.prediction, back.data_shape, back.schedule) == ("epsilon", (2,), schedule)
+    for (k, p), (k2, q) in zip(net.state_dict().items(), back.net.state_dict().items()):
+        assert k == k2 and torch.equal(p.to(q.dtype), q)  # (model files are read as float32)
+
+    diffusers = pytest.importorskip("diffusers")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                     block_out_channels=(8, 16), norm_num_groups=4,
+                                     down_block_types=("DownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(tmp_path / "d")
+    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "d")
+    d = load_diffusion_model(tmp_path / "d", num_sampling_steps=5)
+    perturb(d.net)
+    with pytest.raises(ValueError, match="extra= is recorded in model files only"):
+        d.save(tmp_path / "out", extra={"note": 1})
+    d.save(tmp_path / "out")
+    again = load_diffusion_model(tmp_path / "out")
+    assert again.prediction == "epsilon" and again.data_shape == (1, 8, 8)
+    for (k, p), (k2, q) in zip(d.net.state_dict().items(), again.net.state_dict().items()):
+        assert k == k2 and torch.equal(p, q)
+
+
 def test_rewards_and_loaders_are_exported():
     from implicit_diffusion import IMAGE_REWARDS, load_diffusers
     from implicit_diffusion.models.diffusers_adapter import load_diffusers as inner

@@ -72,6 +72,7 @@ class LoadedDiffusers(NamedTuple):
     shape: tuple[int, ...]  # one sample, (C, H, W)
     scheduler: object  # the diffusers scheduler (written back unchanged)
     layout: str  # "pipeline" (model_index.json, unet/, scheduler/) or "flat" (config.json + scheduler_config.json)
+    directory: str = ""  # where it was read from (its model_index.json is copied when written back)
 
 
 def _require_diffusers():
@@ -142,7 +143,7 @@ def load_diffusers(path: str | Path, num_steps: int | None = None) -> LoadedDiff
         raise DataError(f"cannot load the diffusers model in {str(path)!r} (only safetensors weights are read): "
                         f"{' '.join(str(e).split())[:300]}") from None
     model = DiffusersUNet(unet, scheduler.config.num_train_timesteps, _PREDICTIONS[prediction])
-    return LoadedDiffusers(model, vp_schedule_for(scheduler, num_steps), shape, scheduler, layout)
+    return LoadedDiffusers(model, vp_schedule_for(scheduler, num_steps), shape, scheduler, layout, str(path))
 
 
 def save_diffusers(loaded: LoadedDiffusers, model: DiffusersUNet, source: str | Path, out: str | Path) -> None:

@@ -97,6 +97,25 @@ class DiffusionModel:
         return lambda generator: torch.randn((batch_size, *self.data_shape), generator=generator, device=device,
                                              dtype=dtype)
 
+    def save(self, path, *, extra: dict | None = None) -> None:
+        """Write the model where :func:`~implicit_diffusion.load_diffusion_model` reads it back: a diffusers model
+        as a diffusers directory ``path`` in its source's layout (``DDPMPipeline.from_pretrained`` /
+        ``UNet2DModel.from_pretrained`` load it; the scheduler unchanged), any other as a model file ``path``
+        (``.safetensors``; its schedule and data shape recorded, with ``extra`` in its metadata).
+        A LoRA-adapted network (:func:`~implicit_diffusion.models.lora.add_lora`) is written with its adapters
+        merged."""
+        if self.diffusers is not None:
+            from .diffusers_adapter import save_diffusers
+
+            if extra:
+                raise ValueError("extra= is recorded in model files only; a diffusers directory has no place for it")
+
+            save_diffusers(self.diffusers, self.net, self.diffusers.directory, path)
+            return
+        from .io import save_score_model
+
+        save_score_model(path, self.net, self.schedule, extra={**(extra or {}), "data_shape": list(self.data_shape)})
+
     def sample(self, n: int, *, step=None, generator: torch.Generator) -> Tensor:
         """``n`` samples x_M ``(n, *data_shape)`` of the M-step sampler ``step`` (default: DDPM ancestral),
         from N(0, I), without a graph."""
