@@ -290,3 +290,20 @@ def test_gradients_through_the_sampler_read_the_diffusion_model(through):
         fn(ddpm_step, model, x0, noises, reward, prediction="score")
     with pytest.raises(TypeError, match="schedule= is required"):
         fn(ddpm_step, net, x0, noises, reward, prediction="epsilon")
+
+
+def test_a_lora_adapted_model_is_saved_merged(tmp_path):
+    """DiffusionModel.save folds LoRA adapters into the weights: the file has the plain names and computes
+    what the adapted network does; the model in memory keeps its adapters."""
+    from implicit_diffusion.models.lora import add_lora, has_lora
+
+    net, _, model = eps_model()
+    params = add_lora(net, 1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1)
+    model.save(tmp_path / "m.safetensors")
+    back = load_diffusion_model(tmp_path / "m.safetensors")
+    assert has_lora(net) and not has_lora(back.net)
+    xs, ts = torch.randn(5, 2, dtype=torch.float64), torch.full((5,), 0.4, dtype=torch.float64)
+    torch.testing.assert_close(back.net(xs.float(), ts.float()).double(), net(xs, ts).detach(), rtol=1e-5, atol=1e-6)

@@ -55,7 +55,8 @@ def test_allowed_values_come_from_literal_types_and_bounds():
     assert info["lr"].allowed == "> 0" and info["step_size"].default == "None"
     assert describe(info["num_steps"]) == "K, θ updates of the single loop. Unit: θ updates. Allowed: > 0."
     finetune = {s.name: s for s in settings_of(EXPERIMENTS["diffusion-finetune"].Config)}
-    assert finetune["reward"].allowed == "one of brightness, red"
+    assert finetune["sampler"].allowed == "one of ddpm, euler-maruyama"
+    assert finetune["reward"].allowed == "brightness, red, class:C (C in 0..9), class:C@NAME"  # a string: as given
 
 
 def test_list_names_each_experiment_with_its_description(capsys):

@@ -3,7 +3,8 @@
 - 2-D targets: ``"moons"`` and ``"swiss-roll"`` (scikit-learn's generators), ``"rings"`` (two
   concentric circles of radii 1.5 and 3), ``"gaussian-mixture"`` (8 Gaussians on a circle of
   radius 4, sd 0.5); all roughly centred, coordinates within about ±5.
-- ``load_digits_images()``: scikit-learn's bundled 1,797 real 8×8 handwritten digits.
+- ``load_digits_images()``: scikit-learn's bundled 1,797 real 8×8 handwritten digits;
+  ``load_digits_labels()``: their classes 0..9, in the same order.
 - ``train_heldout(name, ...)``: either of them as (train, held-out) rows of points.
 
 Randomness comes from a ``torch.Generator``: scikit-learn's generators receive a seed drawn
@@ -17,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["TWO_D_DATASETS", "load_digits_images", "train_heldout", "two_d_dataset"]
+__all__ = ["TWO_D_DATASETS", "load_digits_images", "load_digits_labels", "train_heldout", "two_d_dataset"]
 
 TWO_D_DATASETS = ("moons", "swiss-roll", "rings", "gaussian-mixture")
 
@@ -63,6 +64,18 @@ def load_digits_images() -> Tensor:
 
     images = load_digits().images  # (1797, 8, 8), values 0..16
     return torch.as_tensor(images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+
+
+def load_digits_labels() -> Tensor:
+    """The classes of :func:`load_digits_images`' digits, same order: int64 ``(1797,)`` in 0..9.
+
+    >>> y = load_digits_labels()
+    >>> tuple(y.shape), y.dtype, y[:5].tolist()
+    ((1797,), torch.int64, [0, 1, 2, 3, 4])
+    """
+    from sklearn.datasets import load_digits
+
+    return torch.as_tensor(load_digits().target, dtype=torch.int64)
 
 
 def train_heldout(name: str, num_train: int, num_heldout: int, *, generator: torch.Generator,

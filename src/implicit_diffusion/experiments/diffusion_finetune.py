@@ -28,6 +28,8 @@ under autocast, float32 master weights (devices.Autocast).
 
 from __future__ import annotations
 
+import copy
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +41,8 @@ from ..algorithms import DIFFUSION_ALGORITHMS
 from ..devices import PRECISIONS, Precision, check_device_name, generator_on, resolve_device, resolve_precision
 from ..distributed import is_main, rank, world_size
 from ..errors import ConfigError, DataError, DivergenceError, NonFiniteError
+from ..models.lora import add_lora, has_lora, lora_state_dict, merge_lora
+from ..objectives.class_reward import ClassReward, fraction_classified_as, is_class_reward, parse_class_reward
 from ..objectives.evaluation import Evaluation, evaluate, rise_in_se, sample_images
 from ..objectives.girsanov import path_kl_cost
 from ..objectives.image_rewards import IMAGE_REWARDS
@@ -58,7 +62,8 @@ from ..samplers.schedules import VPSchedule
 __all__ = ["ALGORITHMS", "PRESETS", "Config", "Result", "RunRecord", "run", "save", "table"]
 
 ALGORITHMS = DIFFUSION_ALGORITHMS
-DEFAULT_MODEL = {"brightness": "digits", "red": "photo-patches"}
+DEFAULT_MODEL = {"brightness": "digits", "red": "photo-patches", "class": "digits"}
+CLASS_REWARD = re.compile(r"class:[0-9](@.+)?")  # objectives.class_reward: log p(C | x) of a shipped classifier
 SUPPORTS_SHARDING = True  # torchrun: particles / queue slots split over processes
 DEFAULT_TIME_POWER = 2.0  # time_power = 0 on a uniform (continuous) grid: see tests/test_default_sampler.py
 SAMPLERS = ("ddpm", "euler-maruyama")  # stochastic steps with an exact path KL (score_kl_weights)
@@ -77,7 +82,11 @@ class Config:
                              "by `pretrain`; \"\" (the default) = the shipped model for the reward")
     diffusers_model: str = setting("", "instead of model: a local diffusers UNet2DModel + DDPM/DDIM scheduler "
                                        "directory; \"\" = none")
-    reward: str = setting("brightness", "the image reward the finetuning maximises", allowed=IMAGE_REWARDS)
+    reward: str = setting("brightness", "the image reward the finetuning maximises: the mean pixel, the redness, "
+                                        "or class:C = log p(C | x) under the shipped digit classifier for the "
+                                        "model's image size (class:C@FILE: a classifier file); a class reward also "
+                                        "reports the fraction of samples classified as C",
+                          allowed=f"{', '.join(IMAGE_REWARDS)}, class:C (C in 0..9), class:C@NAME")
     data: str = setting("", "images on disk to pretrain on first, when no model is given (MNIST IDX/.npz, CIFAR-10, "
                             "a folder); \"\" = none")
     trust_pickle: bool = setting(False, "allow reading pickled files (CIFAR-10 python batches) from a trusted source")
@@ -92,9 +101,15 @@ class Config:
                                      "near 0); 0 (the default) = the model's default: ρ = 2 on a built-in model's "
                                      "continuous schedule, a diffusers scheduler's own timestep spacing",
                                      allowed=">= 0 (0 = the model's default)")
+    lora_rank: int | None = setting(None, "LoRA: train rank-r adapters W + (α/r)·B A on every Linear and Conv2d "
+                                          "weight (α = r) instead of all weights; the written model has them "
+                                          "merged, the adapters are also written alone; None (the default) = "
+                                          "finetune every weight", allowed="None or an integer > 0")
     batch_size: int = setting(16, "samples per queue slot (per update for the nested loop)",
                                   unit="samples", allowed="> 0")
-    num_steps: int = setting(400, "iterations (θ updates once the queue is full)", unit="iterations", allowed="> 0")
+    num_steps: int = setting(250, "iterations (the pipelined queue's θ updates begin once it is full, at iteration "
+                                  "2(M − 1)); the default reward has plateaued by 250 (docs/diffusion-finetune.md)",
+                             unit="iterations", allowed="> 0")
     reward_weight: float = setting(30.0, "λ, the weight of the reward in λ·reward − β·KL", allowed=">= 0")
     kl_weight: float = setting(1.0, "β, the weight of the KL to the pretrained model", allowed=">= 0")
     lr: float = setting(1e-4, "Adam's learning rate", allowed="> 0")
@@ -127,12 +142,16 @@ class Config:
 
     def __post_init__(self) -> None:
         check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
-        one_of(self, "reward", IMAGE_REWARDS)
+        if not CLASS_REWARD.fullmatch(self.reward):
+            one_of(self, "reward", [*IMAGE_REWARDS, "class:C (C in 0..9)", "class:C@NAME"])
         one_of(self, "algorithm", ALGORITHMS)
         if sum(bool(v) for v in (self.model, self.data, self.diffusers_model)) > 1:
             raise ConfigError("give at most one of model (a pretrained file), diffusers_model (a diffusers "
                               "directory) and data (images to pretrain on)")
         nonnegative(self, "time_power", note="(0: the model's default grid)")
+        if self.lora_rank is not None and not self.lora_rank > 0:
+            raise ConfigError(f"config key 'lora_rank' must be None (finetune every weight) or an integer > 0, "
+                              f"got {self.lora_rank}")
         one_of(self, "sampler", SAMPLERS)
         positive(self, "pretrain_steps", "num_sampling_steps", "batch_size", "num_steps", "lr", "eval_every",
                  "eval_samples", "grid_images", "max_grad_norm")
@@ -157,6 +176,16 @@ class Config:
                 raise ConfigError(f"config key {key!r} sets the edges of the pipelined queue; algorithm "
                                   f"{self.algorithm!r} has none (leave it at {default!r})")
 
+    @property
+    def reward_name(self) -> str:
+        """The reward as tables and figures name it: ``brightness``, ``red``, ``log p(C | x)``."""
+        return f"log p({self.reward[6]} | x)" if is_class_reward(self.reward) else self.reward
+
+    @property
+    def reward_family(self) -> str:
+        """``brightness``, ``red`` or ``class`` (any ``class:C``)."""
+        return "class" if is_class_reward(self.reward) else self.reward
+
     def memory_estimate(self) -> dict[str, int]:
         """Bytes of the dominant allocations, a rough lower bound (:mod:`~implicit_diffusion.runtime.memory`):
         the M + 1 states of every evaluation sample (kept for the path KL), of the samples in flight
@@ -164,7 +193,7 @@ class Config:
         model's size (1×8×8 digits, 3×8×8 photo patches, 1×28×28 mnist5k); a model of unknown size
         counts one number per image."""
         b = 8 if self.dtype == "float64" else 4
-        model = self.model or ("" if self.data or self.diffusers_model else DEFAULT_MODEL.get(self.reward, ""))
+        model = self.model or ("" if self.data or self.diffusers_model else DEFAULT_MODEL.get(self.reward_family, ""))
         pixels = {"digits": 64, "photo-patches": 192, "mnist5k": 784}.get(model, 1)
         states = (self.num_sampling_steps + 1) * pixels * b
         return {f"eval_samples = {self.eval_samples:,} ({self.num_sampling_steps + 1} states of {pixels} numbers "
@@ -200,6 +229,7 @@ class Result:
     model: torch.nn.Module | None = None  # architecture (weights: the last run's)
     shape: tuple[int, ...] = ()  # one sample's shape
     diffusers: object | None = None  # the LoadedDiffusers a --diffusers-model run started from
+    base_fraction: float | None = None  # class reward: the pretrained samples' fraction classified as C
 
     def final(self, r: RunRecord) -> Evaluation:
         return Evaluation(*(r.evals[k][-1] for k in ("reward", "reward_se", "kl", "kl_se")))
@@ -209,11 +239,15 @@ class Result:
         out = {"model": self.model_source, "reward": c.reward, "algorithm": c.algorithm, "sampler": c.sampler,
                "num_sampling_steps": sch.num_steps, "time_power": sch.time_power, "spacing": sch.spacing,
                "pretrained_reward": self.base.reward, "pretrained_reward_se": self.base.reward_se, "runs": []}
+        if self.base_fraction is not None:
+            out["pretrained_fraction_classified"] = self.base_fraction
         for r in self.runs:
             f = self.final(r)
             out["runs"].append({"label": r.label, "reward_weight": r.reward_weight, "kl_weight": r.kl_weight,
                                 "reward": f.reward, "reward_se": f.reward_se, "kl": f.kl, "kl_se": f.kl_se,
                                 "rise_in_se": rise_in_se(self.base, f), "wall_time_s": r.wall_time,
+                                **({"fraction_classified": r.evals["fraction_classified"][-1]}
+                                   if "fraction_classified" in r.evals else {}),
                                 **({"queue_edges": r.edges} if r.edges else {})})
         return out
 
@@ -236,7 +270,7 @@ def _load_model(config: Config, metrics_sink):
                                            progress=config.progress, device=config.device, dtype=config.dtype),
                          metrics_sink=metrics_sink)
         return pre.model, pre.schedule, tuple(pre.data_sample.shape[1:]), f"pretrained here on {config.data}", None
-    model = load_diffusion_model(config.model or DEFAULT_MODEL[config.reward])
+    model = load_diffusion_model(config.model or DEFAULT_MODEL[config.reward_family])
     if len(model.data_shape) != 3 or not hasattr(model.net, "in_channels"):
         # found here, not deep inside the image reward at the first step
         raise ConfigError(f"config key 'model': {model.source} makes samples of shape {model.data_shape}, "
@@ -268,9 +302,12 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
     precision = resolve_precision(config.dtype, device)
     model, trained_schedule, shape, source, diffusers = _load_model(config, sink if resumed is None else
                                                                     (lambda records: None))
+    if config.lora_rank is not None:  # before anything snapshots θ (θ₀ of the path KL, the resume check)
+        add_lora(model, config.lora_rank, generator=torch.Generator().manual_seed(config.seed + 3))
     model = model.to(device=device, dtype=precision.dtype).train(False)
     net = precision.wrap(model)  # what the sampler calls: model itself, or its forward under autocast
-    reward_fn = IMAGE_REWARDS[config.reward]
+    reward_fn = (parse_class_reward(config.reward, shape, device=device) if is_class_reward(config.reward)
+                 else IMAGE_REWARDS[config.reward])
     if config.reward == "red" and shape[0] != 3:
         raise ConfigError(f"the red reward needs a colour (3-channel) model; {source} has {shape[0]} channel(s)")
     try:
@@ -289,14 +326,17 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
         kl0 = path_kl_cost(net, schedule, 1.0, step)
         with status(f"evaluating the pretrained model ({config.eval_samples} samples, {schedule.num_steps} steps)",
                     enabled=config.progress and is_main()):
-            base, _ = evaluate(net, step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
-                               kl=kl0, generator=generator_on(device, config.seed + 1), prediction=model.prediction,
-                               dtype=precision.dtype)
+            base, samples = evaluate(net, step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
+                                     kl=kl0, generator=generator_on(device, config.seed + 1),
+                                     prediction=model.prediction, dtype=precision.dtype)
+        base_fraction = _classified(reward_fn, samples).get("fraction_classified")
     else:
         check_state_of({}, resumed[0], {}, like={"base": torch.empty(len(Evaluation._fields), dtype=torch.float64)},
                        source=checkpoints.source, exhaustive=False)
         base = Evaluation(*resumed[0]["base"].tolist())
-    result = Result(config, source, schedule, base, model=model, shape=shape, diffusers=diffusers)
+        base_fraction = float(resumed[0]["base_fraction"]) if "base_fraction" in resumed[0] else None
+    result = Result(config, source, schedule, base, model=model, shape=shape, diffusers=diffusers,
+                    base_fraction=base_fraction)
     weights = [r * config.kl_weight for r in config.sweep_ratios] if config.sweep else [config.reward_weight]
     first = 0
     if resumed is not None:
@@ -312,6 +352,8 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
         """The sweep's part of a checkpoint: the base evaluation, the finished runs, the run in progress."""
         tensors, finished = pack(result.runs, "finished")
         tensors["base"] = torch.tensor(list(base), dtype=torch.float64)
+        if base_fraction is not None:
+            tensors["base_fraction"] = torch.tensor(base_fraction, dtype=torch.float64)
         return tensors, {"run_index": len(result.runs), "finished": finished}
 
     with checkpoints.catch_interrupts():
@@ -321,6 +363,13 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
                                          checkpoints=checkpoints, sweep_state=sweep_state,
                                          resumed=resumed if i == first else None))
     return result
+
+
+def _classified(reward_fn, samples: torch.Tensor) -> dict[str, float]:
+    """A class reward's ``{"fraction_classified": fraction of the samples classified as C}``; else ``{}``."""
+    if isinstance(reward_fn, ClassReward):
+        return {"fraction_classified": fraction_classified_as(reward_fn, samples, reward_fn.target)}
+    return {}
 
 
 def _finetune(config: Config, model, net, precision: Precision, schedule, shape, reward_fn, lam: float, sink, *,
@@ -352,10 +401,10 @@ def _finetune(config: Config, model, net, precision: Precision, schedule, shape,
 
     def measure(done: int, _x) -> dict:
         """Reward and path KL of fresh samples, each ± SE (independent noise at every evaluation)."""
-        ev, _ = evaluate(net, step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
-                         kl=kl_eval, generator=generator_on(device, config.seed + 1000 + done),
-                         prediction=model.prediction, dtype=dtype)
-        return ev._asdict()
+        ev, samples = evaluate(net, step, schedule, shape, config.eval_samples, reward_fn=reward_fn,
+                               kl=kl_eval, generator=generator_on(device, config.seed + 1000 + done),
+                               prediction=model.prediction, dtype=dtype)
+        return {**ev._asdict(), **_classified(reward_fn, samples)}
 
     def grid(done: int, _x) -> torch.Tensor:  # the same noise at every grid: rows are comparable across steps
         return sample_images(net, step, schedule, shape, config.grid_images,
@@ -452,24 +501,32 @@ def save(result: Result, run_dir) -> list[str]:
     from ..models.io import save_score_model
     from ..plotting.diffusion import plot_finetune_curves, plot_image_grids, plot_tradeoff
     from ..runtime.rundir import write_summary
+    from ..serialization import save_tensors
 
     run_dir = Path(run_dir)
     files = []
-    reward = result.config.reward
+    reward = result.config.reward_name
     for i, r in enumerate(result.runs):
         suffix = "" if len(result.runs) == 1 else f"-{i}"
         result.model.load_state_dict(r.state)
+        written = result.model
+        if has_lora(result.model):  # the adapters alone, then the model with them merged
+            save_tensors(run_dir / f"lora{suffix}.safetensors", lora_state_dict(result.model),
+                         {"format": "implicit-diffusion/lora", "rank": str(result.config.lora_rank),
+                          "base": result.model_source})
+            files.append(f"lora{suffix}.safetensors")
+            written = merge_lora(copy.deepcopy(result.model))
         if result.diffusers is not None:  # back in diffusers' own format (save_pretrained, safetensors)
             from ..models.diffusers_adapter import save_diffusers
 
-            save_diffusers(result.diffusers, result.model, result.config.diffusers_model,
+            save_diffusers(result.diffusers, written, result.config.diffusers_model,
                            run_dir / f"diffusers{suffix}")
             files.append(f"diffusers{suffix}/")
         else:
-            save_score_model(run_dir / f"finetuned{suffix}.safetensors", result.model, result.schedule,
-                             extra={"base": result.model_source, "data_shape": list(result.shape), "reward": reward,
-                                    "reward_weight": r.reward_weight, "kl_weight": r.kl_weight,
-                                    "algorithm": result.config.algorithm})
+            save_score_model(run_dir / f"finetuned{suffix}.safetensors", written, result.schedule,
+                             extra={"base": result.model_source, "data_shape": list(result.shape),
+                                    "reward": result.config.reward, "reward_weight": r.reward_weight,
+                                    "kl_weight": r.kl_weight, "algorithm": result.config.algorithm})
             files.append(f"finetuned{suffix}.safetensors")
         plot_image_grids(run_dir / f"samples{suffix}.png",
                          [(f"iteration {s}" + (" (pretrained)" if s == 0 else ""), imgs) for s, imgs in r.grids],
@@ -492,12 +549,17 @@ def table(result: Result) -> str:
     grid = f"grid power ρ = {sch.time_power:g}" if sch.spacing == "uniform" else f"'{sch.spacing}' timesteps"
     rows = [("model", result.model_source),
             ("sampler", f"{c.sampler}, M = {sch.num_steps} steps, {grid}"),
-            (f"pretrained: mean {result.config.reward} (± SE)", f"{b.reward:.4f} ± {b.reward_se:.4f}")]
+            (f"pretrained: mean {c.reward_name} (± SE)", f"{b.reward:.4f} ± {b.reward_se:.4f}")]
     for r in result.runs:
         f = result.final(r)
-        rows.append((f"{r.label}: {result.config.reward} / path KL",
+        rows.append((f"{r.label}: {c.reward_name} / path KL",
                      f"{f.reward:.4f} ± {f.reward_se:.4f} (rise {rise_in_se(b, f):+.1f} SE) / "
                      f"{f.kl:.3f} ± {f.kl_se:.3f}   [{r.wall_time:.0f} s]"))
+    if result.base_fraction is not None:
+        target = c.reward[6]
+        after = ", ".join(f"{r.evals['fraction_classified'][-1]:.1%}" for r in result.runs)
+        rows.append((f"samples classified as {target}: pretrained → finetuned",
+                     f"{result.base_fraction:.1%} → {after}"))
     edges = next((r.edges for r in result.runs if r.edges), None)
     if edges:
         m = result.config.num_sampling_steps

@@ -1,6 +1,8 @@
-"""Parametric models: potentials V(x, θ) and time-conditioned score networks."""
+"""Parametric models: potentials V(x, θ), time-conditioned score networks, LoRA adapters."""
 
+from .classifier import DigitClassifier, load_classifier, save_classifier
 from .diffusion_model import DiffusionModel
+from .lora import add_lora, has_lora, load_lora_state_dict, lora_parameters, lora_state_dict, merge_lora
 from .mixture import HEXAGON_THETA0, GaussianMixture, hexagon_centres, hexagon_mixture
 from .potentials import (
     EnergyMLP,
@@ -17,6 +19,9 @@ from .tilted import TiltedPotential
 from .unet import UNet
 
 __all__ = [
+    "DigitClassifier",
+    "load_classifier",
+    "save_classifier",
     "DiffusionModel",
     "HEXAGON_THETA0",
     "EnergyMLP",
@@ -30,8 +35,14 @@ __all__ = [
     "SinusoidalTimeEmbedding",
     "TiltedPotential",
     "UNet",
+    "add_lora",
     "as_potential",
     "autograd_energy_grad",
+    "has_lora",
     "hexagon_centres",
     "hexagon_mixture",
+    "load_lora_state_dict",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge_lora",
 ]

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 
@@ -104,17 +105,20 @@ class DiffusionModel:
         (``.safetensors``; its schedule and data shape recorded, with ``extra`` in its metadata).
         A LoRA-adapted network (:func:`~implicit_diffusion.models.lora.add_lora`) is written with its adapters
         merged."""
+        from .lora import has_lora, merge_lora
+
+        net = merge_lora(copy.deepcopy(self.net)) if has_lora(self.net) else self.net
         if self.diffusers is not None:
             from .diffusers_adapter import save_diffusers
 
             if extra:
                 raise ValueError("extra= is recorded in model files only; a diffusers directory has no place for it")
 
-            save_diffusers(self.diffusers, self.net, self.diffusers.directory, path)
+            save_diffusers(self.diffusers, net, self.diffusers.directory, path)
             return
         from .io import save_score_model
 
-        save_score_model(path, self.net, self.schedule, extra={**(extra or {}), "data_shape": list(self.data_shape)})
+        save_score_model(path, net, self.schedule, extra={**(extra or {}), "data_shape": list(self.data_shape)})
 
     def sample(self, n: int, *, step=None, generator: torch.Generator) -> Tensor:
         """``n`` samples x_M ``(n, *data_shape)`` of the M-step sampler ``step`` (default: DDPM ancestral),

@@ -14,6 +14,7 @@ from .adjoint import (
     terminal_reward_gradient,
 )
 from .base import Estimator, SumEstimator, Surrogate
+from .class_reward import ClassReward, fraction_classified_as, parse_class_reward
 from .girsanov import DiscreteMeanKL, GirsanovKL
 from .image_rewards import IMAGE_REWARDS, brightness, redness
 from .implicit import (
@@ -31,6 +32,9 @@ from .reward import RewardEstimator
 from .rewards import hexagon_reward, hexagon_reward_smooth
 
 __all__ = [
+    "ClassReward",
+    "fraction_classified_as",
+    "parse_class_reward",
     "CGResult",
     "IMAGE_REWARDS",
     "Linearization",
