@@ -27,4 +27,5 @@ DIFFUSION_ALGORITHMS = {
     "queue-sequential": (DiffusionQueue, {"adjoint": "sequential"}),
     "nested-adjoint": (DiffusionNestedLoop, {"gradient": "adjoint"}),
     "nested-autograd": (DiffusionNestedLoop, {"gradient": "autograd"}),
+    "draft-k": (DiffusionNestedLoop, {"gradient": "autograd"}),  # with last_k = K (the experiments' draft_k)
 }

@@ -92,8 +92,13 @@ class Config:
     trust_pickle: bool = setting(False, "allow reading pickled files (CIFAR-10 python batches) from a trusted source")
     pretrain_steps: int = setting(6_000, "optimizer steps of the pretraining on data (only with data)",
                                          unit="optimizer steps", allowed="> 0")
-    algorithm: str = setting("queue-pipelined", "the finetuning algorithm: the queue (pipelined or sequential) or "
-                                                "the nested loop", allowed=ALGORITHMS)
+    algorithm: str = setting("queue-pipelined", "the finetuning algorithm: the queue (pipelined or sequential), "
+                                                "the nested loop (adjoint or full backprop), draft-k (backprop "
+                                                "through the last draft_k steps; Clark et al. 2024)",
+                             allowed=ALGORITHMS)
+    draft_k: int = setting(1, "draft-k: K, the sampler steps the reward is backpropagated through (the last K; "
+                              "K = M is nested-autograd)", unit="sampler steps",
+                           allowed="1 to num_sampling_steps; != 1 only with draft-k")
     sampler: str = setting("ddpm", "the sampler step: ddpm (ancestral) or euler-maruyama (reverse SDE)",
                                    allowed=SAMPLERS)
     num_sampling_steps: int = setting(50, "M, sampler steps per sample", unit="sampler steps", allowed="> 0")
@@ -167,6 +172,12 @@ class Config:
             raise ConfigError(f"config key 'max_batch' chunks the queue's batched calls; algorithm "
                               f"{self.algorithm!r} runs one batch at a time (use max_batch = 0)")
         check_checkpoint_every(self.checkpoint_every)
+        if not 1 <= self.draft_k <= self.num_sampling_steps:
+            raise ConfigError(f"config key 'draft_k' must be from 1 to num_sampling_steps = {self.num_sampling_steps}, "
+                              f"got {self.draft_k}")
+        if self.draft_k != 1 and self.algorithm != "draft-k":
+            raise ConfigError(f"config key 'draft_k' is the K of algorithm draft-k; algorithm {self.algorithm!r} "
+                              f"backpropagates through all steps (leave draft_k at 1)")
         check_device_name(self.device)
         one_of(self, "dtype", PRECISIONS)
         one_of(self, "queue_fill", ("wait", "partial"))
@@ -394,7 +405,8 @@ def _finetune(config: Config, model, net, precision: Precision, schedule, shape,
                max_grad_norm=config.max_grad_norm, **options,
                **({"fill": config.queue_fill, "tail": config.queue_tail}
                   if config.algorithm == "queue-pipelined" else {}),
-               **({"max_batch": config.max_batch} if config.max_batch else {}))
+               **({"max_batch": config.max_batch} if config.max_batch else {}),
+               **({"last_k": config.draft_k} if config.algorithm == "draft-k" else {}))
     # under torchrun each process holds batch_size / W of every batch, with its own random stream
     generator = block_generator(config.seed, rank(), world_size(), device)
     train = np.full(config.num_steps, np.nan)  # the exiting batch's mean reward per iteration

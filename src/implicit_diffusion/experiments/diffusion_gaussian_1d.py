@@ -29,7 +29,8 @@ from ..samplers.schedules import VPSchedule
 
 __all__ = ["Config", "GaussianScore", "Result", "run", "save", "table", "linear_law"]
 
-ALGORITHMS = DIFFUSION_ALGORITHMS
+# the exact-gradient algorithms (DRaFT-K's truncated gradient and Adjoint Matching: diffusion-finetune's)
+ALGORITHMS = {k: v for k, v in DIFFUSION_ALGORITHMS.items() if k.startswith(("queue", "nested"))}
 
 
 @dataclass(frozen=True)

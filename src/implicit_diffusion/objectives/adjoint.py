@@ -331,29 +331,58 @@ def autograd_through_sampler(
     running_cost: RunningCost | None = None,
     params: Iterable[Tensor] | None = None,
     num_steps: int | None = None,
+    last_k: int | None = None,
     **step_kwargs,
 ) -> SamplerGradInfo:
     """The reference: the M steps with grad on, loss = −λ mean R(x_M) + Σ_m c_m, ``backward()``.
 
     Holds the graph of all M steps at once. Same result as :func:`adjoint_through_sampler`.
+
+    ``last_k`` = K (1 ≤ K ≤ M; default M) is **DRaFT-K** (Clark, Vendrow, Swersky & Fleet, "Directly
+    Fine-Tuning Diffusion Models on Differentiable Rewards", ICLR 2024, §4): steps m < M − K run
+    without a graph and x_{M−K} is detached, so the loss is backpropagated through the last K
+    steps only; the gradient is that of the surrogate (sg: stop-gradient)
+
+        L_K(θ) = −λ mean R(x̃_M) + Σ_{m<M−K} c_m(sg[x_m], θ) + Σ_{m≥M−K} c_m(x̃_m, θ),
+        x̃_{M−K} = sg[x_{M−K}],  x̃_{m+1} = φ_m(x̃_m, θ, ξ_m).
+
+    The running cost (the path KL) is still summed over all M steps — for m < M − K at the detached
+    x_m (its θ-gradient, one network call, no graph through the sampler) — so the KL penalty holds on
+    the whole path, and K = M is exactly the full backprop. With K < M, ``grad_x_init`` is zeros:
+    the gradient stops at x_{M−K}. Memory: the graph of K steps.
     """
     model, schedule, step_kwargs = _resolve_model(model, schedule, step_kwargs)
     _check_step_kwargs(step_kwargs)
     m_total, noise_at = _resolve_noises(noises, num_steps)
     params = _resolve_params(model, params)
+    first = m_total - check_last_k(last_k, m_total)  # the first step with a graph
     with torch.enable_grad():
         # A leaf of our own (same storage, caller's flags untouched) to read ∇_{x_0} from.
-        x0 = x_init.detach().requires_grad_(True)
+        x0 = x_init.detach().requires_grad_(first == 0)
         x, cost = x0, x0.new_zeros(())
         for m in range(m_total):
             if running_cost is not None:
                 cost = cost + _scalar_cost(running_cost(x, m), m)
-            x = _call_step(step, x, model, m, schedule, noise_at(m), step_kwargs)
+            if m < first:
+                with torch.no_grad():
+                    x = _call_step(step, x, model, m, schedule, noise_at(m), step_kwargs)
+            else:
+                x = _call_step(step, x, model, m, schedule, noise_at(m), step_kwargs)
         reward = _differentiable_reward(reward_fn, x).mean()
         loss = -float(weight) * reward + cost
-        loss.backward(inputs=[x0, *params])
+        loss.backward(inputs=[*([x0] if first == 0 else []), *params])
     a_0 = x0.grad if x0.grad is not None else torch.zeros_like(x0)
     return SamplerGradInfo(loss.detach(), reward.detach(), cost.detach(), x.detach(), a_0)
+
+
+def check_last_k(last_k, m_total: int) -> int:
+    """K of DRaFT-K: an integer in 1..M (None: M, the full backprop)."""
+    if last_k is None:
+        return m_total
+    if isinstance(last_k, bool) or not isinstance(last_k, int) or not 1 <= last_k <= m_total:
+        raise ValueError(f"last_k must be an integer from 1 to the number of sampler steps ({m_total}), got "
+                         f"{last_k!r}")
+    return last_k
 
 
 # ---------------------------------------------------------------------------------------------
