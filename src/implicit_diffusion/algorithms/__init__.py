@@ -1,6 +1,7 @@
 """Algorithms that compose a sampler, an estimator and a torch.optim optimizer."""
 
 from .bilevel import JointBilevel, NestedBilevel
+from .diffusion_adjoint_matching import DiffusionAdjointMatching
 from .diffusion_nested import DiffusionNestedLoop
 from .nested import NestedLoop
 from .optim import LR_SCHEDULES, OPTIMIZERS, make_lr_scheduler, make_optimizer
@@ -9,6 +10,7 @@ from .single_loop import SingleLoop
 
 __all__ = [
     "DIFFUSION_ALGORITHMS",
+    "DiffusionAdjointMatching",
     "LR_SCHEDULES",
     "OPTIMIZERS",
     "DiffusionNestedLoop",
@@ -28,4 +30,5 @@ DIFFUSION_ALGORITHMS = {
     "nested-adjoint": (DiffusionNestedLoop, {"gradient": "adjoint"}),
     "nested-autograd": (DiffusionNestedLoop, {"gradient": "autograd"}),
     "draft-k": (DiffusionNestedLoop, {"gradient": "autograd"}),  # with last_k = K (the experiments' draft_k)
+    "adjoint-matching": (DiffusionAdjointMatching, {}),  # with kl_weight = β
 }

@@ -94,7 +94,8 @@ class Config:
                                          unit="optimizer steps", allowed="> 0")
     algorithm: str = setting("queue-pipelined", "the finetuning algorithm: the queue (pipelined or sequential), "
                                                 "the nested loop (adjoint or full backprop), draft-k (backprop "
-                                                "through the last draft_k steps; Clark et al. 2024)",
+                                                "through the last draft_k steps; Clark et al. 2024), "
+                                                "adjoint-matching (Domingo-Enrich et al. 2025; ddpm, kl_weight > 0)",
                              allowed=ALGORITHMS)
     draft_k: int = setting(1, "draft-k: K, the sampler steps the reward is backpropagated through (the last K; "
                               "K = M is nested-autograd)", unit="sampler steps",
@@ -175,6 +176,10 @@ class Config:
         if not 1 <= self.draft_k <= self.num_sampling_steps:
             raise ConfigError(f"config key 'draft_k' must be from 1 to num_sampling_steps = {self.num_sampling_steps}, "
                               f"got {self.draft_k}")
+        if self.algorithm == "adjoint-matching" and not (self.kl_weight > 0 and self.sampler == "ddpm"):
+            raise ConfigError(f"algorithm 'adjoint-matching' samples the tilt p₀·e^{{(λ/β)R}} with DDPM's memoryless "
+                              f"steps: it needs kl_weight > 0 and sampler = 'ddpm', got kl_weight = "
+                              f"{self.kl_weight:g}, sampler = {self.sampler!r}")
         if self.draft_k != 1 and self.algorithm != "draft-k":
             raise ConfigError(f"config key 'draft_k' is the K of algorithm draft-k; algorithm {self.algorithm!r} "
                               f"backpropagates through all steps (leave draft_k at 1)")
@@ -406,7 +411,8 @@ def _finetune(config: Config, model, net, precision: Precision, schedule, shape,
                **({"fill": config.queue_fill, "tail": config.queue_tail}
                   if config.algorithm == "queue-pipelined" else {}),
                **({"max_batch": config.max_batch} if config.max_batch else {}),
-               **({"last_k": config.draft_k} if config.algorithm == "draft-k" else {}))
+               **({"last_k": config.draft_k} if config.algorithm == "draft-k" else {}),
+               **({"kl_weight": beta} if config.algorithm == "adjoint-matching" else {}))
     # under torchrun each process holds batch_size / W of every batch, with its own random stream
     generator = block_generator(config.seed, rank(), world_size(), device)
     train = np.full(config.num_steps, np.nan)  # the exiting batch's mean reward per iteration

@@ -104,7 +104,7 @@ def render_text(cls: type, *, indent: str = "  ", width: int = 100) -> str:
     lines = []
     for s in settings_of(cls):
         lines.append(f"{indent}{s.name} = {s.default}")
-        lines.extend(textwrap.wrap(describe(s) or "(no description)", width=width,
+        lines.extend(textwrap.wrap(describe(s) or "(no description)", width=width, break_on_hyphens=False,
                                    initial_indent=indent + "    ", subsequent_indent=indent + "    "))
     return "\n".join(lines)
 
