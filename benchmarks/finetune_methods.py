@@ -3,6 +3,7 @@
     python benchmarks/finetune_methods.py [--rewards brightness class:3] [--ratios 10 30 100]
         [--budget 15] [--M 20] [--batch 8] [--draft-k 5] [--methods ...] [--device cpu|cuda]
         [--out FILE.json] [--figure FILE.png]
+    python benchmarks/finetune_methods.py --report FILE.json   # a saved run's tables and figure again
 
 The task is ``diffusion-finetune``'s: the shipped digits U-Net (ε-prediction, 8×8), DDPM ancestral
 steps, M = ``--M`` on the experiment's grid (ρ = 2), Adam (lr ``--lr``), gradient clipping at norm 1,
@@ -167,6 +168,54 @@ def plot(path: Path, rows: list[dict], bases: dict[str, dict], rewards: list[str
     fig.savefig(path, dpi=120)
 
 
+def machine_line(machine: str, a: dict) -> str:
+    return (f"machine: {machine}; {a['threads']} thread(s) per contender; M = {a['M']} DDPM steps (ρ = 2), batch "
+            f"{a['batch']}, Adam lr {a['lr']:g}, β = 1; budget {a['budget']:g} s of training per contender; "
+            f"draft-K: K = {a['draft_k']}; seed {a['seed']}")
+
+
+def print_header(reward: str, base: dict) -> None:
+    frac = f", {base['fraction_classified']:.1%} classified as {reward[6:]}" if "fraction_classified" in base else ""
+    print(f"\n{reward}: pretrained {base['reward']:+.4f} ± {base['reward_se']:.4f}{frac}")
+    print(f"  {'λ/β':>5} {'method':<17} {'reward ± SE':>18} {'path KL ± SE':>16} {'train s':>7} {'updates':>7} "
+          f"{'net evals':>10} {'peak MiB':>8}" + ("  classified" if frac else ""))
+
+
+def print_row(r: dict) -> None:
+    cls = f"  {r['fraction_classified']:10.1%}" if "fraction_classified" in r else ""
+    print(f"  {r['ratio']:5g} {r['method']:<17} {r['reward']:+9.4f} ± {r['reward_se']:.4f} "
+          f"{r['kl']:8.3f} ± {r['kl_se']:.3f} {r['train_s']:7.1f} {r['updates']:7d} {r['images']:10,d} "
+          f"{r['peak_mib']:8.1f}{cls}", flush=True)
+
+
+def print_fronts(rows: list[dict], bases: dict[str, dict], rewards: list[str], methods: list[str]) -> None:
+    print("\nrise over the pretrained reward in standard errors (all evaluated on the same noise, so positively "
+          "correlated: this SE of the difference is conservative), and reward gained per nat of path KL")
+    for reward in rewards:
+        base = bases[reward]
+        for method in methods:
+            parts = []
+            for r in (r for r in rows if r["method"] == method and r["reward_name"] == reward):
+                rise = (r["reward"] - base["reward"]) / math.hypot(r["reward_se"], base["reward_se"])
+                per_kl = (r["reward"] - base["reward"]) / r["kl"] if r["kl"] > 0 else float("nan")
+                parts.append(f"λ/β={r['ratio']:g}: {rise:+6.1f} SE, {per_kl:+.4f}/nat")
+            print(f"  {reward:<10} {method:<17} " + "; ".join(parts))
+
+
+def report(path: Path, figure: Path | None) -> None:
+    """Print the tables of a saved run (``--out`` JSON) again and redraw its figure, without rerunning."""
+    saved = json.loads(path.read_text())
+    a, rows, bases = saved["args"], saved["rows"], saved["pretrained"]
+    print(machine_line(saved["machine"], a))
+    for reward in a["rewards"]:
+        print_header(reward, bases[reward])
+        for r in (r for r in rows if r["reward_name"] == reward):
+            print_row(r)
+    print_fronts(rows, bases, a["rewards"], a["methods"])
+    if figure is not None:
+        plot(figure, rows, bases, a["rewards"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rewards", nargs="+", default=["brightness", "class:3"])
@@ -182,9 +231,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "finetune_methods.json"))
     p.add_argument("--figure", default=str(HERE / "results" / "finetune_methods.png"))
+    p.add_argument("--report", metavar="JSON", help="print a saved run's tables again and redraw its figure")
     p.add_argument("--worker", nargs=3, metavar=("METHOD", "REWARD", "RATIO"), help=argparse.SUPPRESS)
     p.add_argument("--pretrained", metavar="REWARD", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.report:
+        report(Path(args.report), Path(args.figure))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], float(args.worker[2]), args)))
         return
@@ -195,9 +248,7 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     if args.device == "cuda":
         machine += f", {torch.cuda.get_device_name()}"
-    print(f"machine: {machine}; {args.threads} thread(s) per contender; M = {args.M} DDPM steps (ρ = 2), batch "
-          f"{args.batch}, Adam lr {args.lr:g}, β = 1; budget {args.budget:g} s of training per contender; "
-          f"draft-K: K = {args.draft_k}; seed {args.seed}")
+    print(machine_line(machine, vars(args)))
     passed = ["--budget", str(args.budget), "--M", str(args.M), "--batch", str(args.batch), "--draft-k",
               str(args.draft_k), "--lr", str(args.lr), "--device", args.device, "--threads", str(args.threads),
               "--seed", str(args.seed)]
@@ -209,30 +260,13 @@ def main() -> None:
 
     rows, bases = [], {}
     for reward in args.rewards:
-        bases[reward] = base = call(["--pretrained", reward])
-        frac = f", {base['fraction_classified']:.1%} classified as {reward[6]}" if "fraction_classified" in base else ""
-        print(f"\n{reward}: pretrained {base['reward']:+.4f} ± {base['reward_se']:.4f}{frac}")
-        print(f"  {'λ/β':>5} {'method':<17} {'reward ± SE':>18} {'path KL ± SE':>16} {'updates':>7} "
-              f"{'net evals':>10} {'peak MiB':>8}" + ("  classified" if frac else ""))
+        bases[reward] = call(["--pretrained", reward])
+        print_header(reward, bases[reward])
         for ratio in args.ratios:
             for method in args.methods:
-                r = call(["--worker", method, reward, str(ratio)])
-                rows.append(r)
-                cls = f"  {r['fraction_classified']:10.1%}" if "fraction_classified" in r else ""
-                print(f"  {ratio:5g} {method:<17} {r['reward']:+9.4f} ± {r['reward_se']:.4f} "
-                      f"{r['kl']:8.3f} ± {r['kl_se']:.3f} {r['updates']:7d} {r['images']:10,d} "
-                      f"{r['peak_mib']:8.1f}{cls}", flush=True)
-    print("\nrise over the pretrained reward in standard errors (all evaluated on the same noise, so positively "
-          "correlated: this SE of the difference is conservative), and reward gained per nat of path KL")
-    for reward in args.rewards:
-        base = bases[reward]
-        for method in args.methods:
-            parts = []
-            for r in (r for r in rows if r["method"] == method and r["reward_name"] == reward):
-                rise = (r["reward"] - base["reward"]) / math.hypot(r["reward_se"], base["reward_se"])
-                per_kl = (r["reward"] - base["reward"]) / r["kl"] if r["kl"] > 0 else float("nan")
-                parts.append(f"λ/β={r['ratio']:g}: {rise:+6.1f} SE, {per_kl:+.4f}/nat")
-            print(f"  {reward:<10} {method:<17} " + "; ".join(parts))
+                rows.append(call(["--worker", method, reward, str(ratio)]))
+                print_row(rows[-1])
+    print_fronts(rows, bases, args.rewards, args.methods)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "args": vars(args), "pretrained": bases, "rows": rows},
                                          indent=1) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -36,4 +37,19 @@ def test_every_contender_runs_and_reports(bench, tmp_path):
         assert (row["kl"] > 0) == (row["updates"] > 0), row  # an update moves θ off θ₀; no update, KL 0
     base = bench.pretrained_row("class:3", args)
     bench.plot(tmp_path / "front.png", rows, {"class:3": base}, ["class:3"])
+    assert (tmp_path / "front.png").stat().st_size > 0
+
+
+def test_a_saved_run_is_reported_again_with_every_contender(bench, tmp_path, capsys):
+    args = argparse.Namespace(threads=1, device="cpu", M=3, batch=2, lr=1e-3, budget=1e-9, draft_k=2, seed=0)
+    methods = ["draft-1", "adjoint-matching"]
+    rows = [bench.worker(method, "brightness", 10.0, args) for method in methods]
+    saved = {"machine": "test machine", "pretrained": {"brightness": bench.pretrained_row("brightness", args)},
+             "args": {**vars(args), "rewards": ["brightness"], "methods": methods}, "rows": rows}
+    (tmp_path / "run.json").write_text(json.dumps(saved))
+    bench.report(tmp_path / "run.json", tmp_path / "front.png")
+    out = capsys.readouterr().out
+    assert out.startswith("machine: test machine; 1 thread(s)") and "train s" in out
+    for row in rows:
+        assert f"{row['method']:<17} {row['reward']:+9.4f} ± {row['reward_se']:.4f}" in out
     assert (tmp_path / "front.png").stat().st_size > 0
