@@ -385,7 +385,7 @@ def langevin_throughput(num_particles: int, steps: int, warmup: int, device: str
     CPU threads as in the experiment (one for small batches: see ``runtime.threads``)."""
     from implicit_diffusion.runtime.threads import torch_threads
 
-    with torch_threads(0, 2 * num_particles):
+    with torch_threads(None, 2 * num_particles):
         return _langevin_throughput(num_particles, steps, warmup, device, seed)
 
 

@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results" / "scaling.json"))
     a = p.parse_args()
     args = ["--set", f"num_particles={a.particles}", "--set", f"num_steps={a.steps}", "--set", "particle_blocks=2",
-            "--set", f"eval_every={a.steps}", "--set", "snapshot_steps=[0]", "--set", "num_threads=0",
+            "--set", f"eval_every={a.steps}", "--set", "snapshot_steps=[0]", "--set", "num_threads=None",
             "--no-progress"]
     single = [sys.executable, "-m", "implicit_diffusion"]
     sharded = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",

@@ -171,6 +171,25 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, reference):
     assert main(["resume", str(reference)]) == 2  # one-line error through the CLI
 
 
+def test_a_run_directory_of_an_earlier_release_resumes_with_its_sentinels_read_as_none(tmp_path, reference):
+    """Earlier releases wrote num_threads = 0 ("automatic") where the key now defaults to None; such a
+    run directory (config.toml and the checkpoint's config alike) resumes to the uninterrupted result,
+    while a new config with num_threads = 0 is refused (tests/test_config_hostile.py)."""
+    from implicit_diffusion.runtime import recording
+
+    run_dir = tmp_path / "older"
+    with crash_at(recording.EvalRecorder, "record", 500), pytest.raises(RuntimeError, match="simulated crash"):
+        execute(langevin_mixture, langevin_mixture.Config(**SMALL), run_dir, name="langevin-mixture")
+    config = run_dir / "config.toml"
+    assert "num_threads" not in config.read_text()  # None is omitted
+    config.write_text(config.read_text() + "num_threads = 0\n")
+    tensors, meta = load_checkpoint(run_dir / "checkpoint.safetensors")
+    meta["config"]["num_threads"] = 0
+    save_checkpoint(run_dir / "checkpoint.safetensors", tensors, meta)
+    resume(run_dir, EXPERIMENTS)
+    _assert_same_outputs(reference, run_dir)
+
+
 # --- real processes: SIGKILL and Ctrl-C --------------------------------------------------------
 
 LONG = ["--set", "num_particles=200", "--set", "num_steps=8000", "--set", "eval_every=1000",

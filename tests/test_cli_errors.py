@@ -86,7 +86,7 @@ def test_checkpoints_under_torchrun_are_refused_before_anything_is_written(tmp_p
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     config = build_config(experiment.Config, {"num_steps": 4, "num_particles": 20, "checkpoint_every": 10})
-    with pytest.raises(ConfigError, match="'checkpoint_every' must be 0 under torchrun .* got 10"):
+    with pytest.raises(ConfigError, match="'checkpoint_every' must be None under torchrun .* got 10"):
         runner.execute(experiment, config, tmp_path / "r", name="langevin-mixture")
     assert not (tmp_path / "r").exists()
 

@@ -107,12 +107,16 @@ def test_seed_is_in_0_to_2_63():
 
 
 def test_num_threads_is_bounded_by_the_machine():
-    with pytest.raises(ConfigError, match=rf"'num_threads' must be an integer in \[0, {cpu_count()}\]"):
+    allowed = rf"None \(automatic\) or an integer in \[1, {cpu_count()}\]"
+    with pytest.raises(ConfigError, match=rf"'num_threads' must be {allowed}"):
         build_config(EBMConfig, parse_overrides(["num_threads=100000"]))
     with pytest.raises(ConfigError, match="'num_threads'"):
         build_config(EBMConfig, {"num_threads": cpu_count() + 1})
     assert build_config(EBMConfig, {"num_threads": cpu_count()}).num_threads == cpu_count()
-    assert build_config(EBMConfig, {"num_threads": 0}).num_threads == 0
+    assert build_config(EBMConfig, {}).num_threads is None  # automatic
+    assert build_config(EBMConfig, parse_overrides(["num_threads=None"])).num_threads is None
+    with pytest.raises(ConfigError, match=r"'num_threads' must be None \(automatic\) or an integer in \[1, .*got 0"):
+        build_config(EBMConfig, {"num_threads": 0})  # the former sentinel for "automatic" is refused
 
 
 def test_huge_integers_on_the_command_line_stop_before_the_run_directory(capsys, tmp_path):

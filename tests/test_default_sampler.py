@@ -60,7 +60,7 @@ def _log_variance_error(step, schedule: VPSchedule) -> float:
 def _default_sampler() -> tuple[object, VPSchedule, int]:
     """The finetuning default's step and grid on the shipped digits model's schedule, and n."""
     c = ft.Config()
-    assert c.time_power == 0  # the model's default: ρ = DEFAULT_TIME_POWER on the shipped models' uniform grid
+    assert c.time_power is None  # the model's default: ρ = DEFAULT_TIME_POWER on the shipped models' uniform grid
     schedule = replace(load_pretrained("digits").schedule, num_steps=c.num_sampling_steps,
                        time_power=ft.DEFAULT_TIME_POWER)
     return DIFFUSION_STEPS[c.sampler], schedule, c.eval_samples

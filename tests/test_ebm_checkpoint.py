@@ -124,8 +124,11 @@ def test_control_a_resume_from_the_wrong_generator_state_differs(tmp_path, monke
 
 
 def test_checkpoint_every_is_validated():
-    with pytest.raises(ConfigError, match="'checkpoint_every' must be >= 0"):
+    with pytest.raises(ConfigError, match=r"'checkpoint_every' must be None \(checkpoints only.* >= 1, got -1"):
         ebm.Config(checkpoint_every=-1)
+    with pytest.raises(ConfigError, match="'checkpoint_every' must be None .*got 0"):
+        ebm.Config(checkpoint_every=0)  # the former sentinel for "only on a stop signal" is refused
+    assert ebm.Config().checkpoint_every is None
 
 
 def test_a_diverging_run_stops_at_once_and_keeps_a_finite_checkpoint(tmp_path, capsys):

@@ -129,7 +129,9 @@ def test_finetune_with_ddpm_steps_records_its_sampler_and_a_positive_path_kl(tin
     (["run", "diffusion-finetune", "--set", "model='/no/model.safetensors'"], "no such model file"),
     (["run", "langevin-mixture", "--sweep"], "unknown config key 'sweep'"),
     (["run", "diffusion-finetune", "--sweep", "--set", "kl_weight=0"], "needs kl_weight > 0"),
-    (["run", "diffusion-finetune", "--set", "max_batch=-1"], "'max_batch' must be >= 0, got -1"),
+    (["run", "diffusion-finetune", "--set", "max_batch=-1"], "'max_batch' must be None (the default) or > 0, got -1"),
+    (["run", "diffusion-finetune", "--set", "max_batch=0"], "'max_batch' must be None (the default) or > 0, got 0"),
+    (["run", "diffusion-finetune", "--set", "model="], "'model' must name a model or a path, or be None"),
     (["run", "diffusion-finetune", "--set", "max_batch=8", "--set", "algorithm=nested-adjoint"],
      "'max_batch' chunks the queue's batched calls"),
 ])

@@ -75,15 +75,18 @@ def test_thread_setting_is_restored_and_validated():
     from implicit_diffusion.runtime.threads import torch_threads
 
     before = torch.get_num_threads()
-    with torch_threads(0, 100) as n:
+    with torch_threads(None, 100) as n:
         assert n == 1 and torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
-    with torch_threads(0, 10**6) as n:
+    with torch_threads(None, 10**6) as n:
         assert n == before
     run(LangevinMixtureConfig(**{**TINY, "num_steps": 20}))
     assert torch.get_num_threads() == before
     with pytest.raises(ConfigError, match="num_threads"):
         LangevinMixtureConfig(num_threads=-1)
+    with pytest.raises(ValueError, match="None .automatic. or an integer >= 1, got 0"):
+        with torch_threads(0, 100):
+            pass
 
 
 @pytest.mark.parametrize("sampler", ["mala", "preconditioned", "myula-box", "primal-dual-box", "mirror-orthant"])

@@ -94,9 +94,9 @@ def _metrics(run_dir: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, tiny_model) -> dict[str, Path]:
-    """Each experiment run without checkpoints (checkpoint_every = 0 where there is the setting)."""
+    """Each experiment run without periodic checkpoints (checkpoint_every = None, the default)."""
     base = tmp_path_factory.mktemp("references")
-    return {name: _run(name, tiny_model, base / name, 0 if name in CHECKPOINTING else None) for name in TINY}
+    return {name: _run(name, tiny_model, base / name, None) for name in TINY}
 
 
 def _order_key(record: dict) -> tuple[int, int]:

@@ -94,7 +94,7 @@ def test_control_a_resume_with_lost_state_differs(tmp_path, monkeypatch, tiny, r
 
 
 def test_checkpoint_every_is_validated_and_left_out_of_the_reproduce_command():
-    with pytest.raises(ConfigError, match="'checkpoint_every' must be >= 0"):
+    with pytest.raises(ConfigError, match=r"'checkpoint_every' must be None \(checkpoints only.* >= 1, got -1"):
         pretrain.Config(checkpoint_every=-1)
     assert "checkpoint_every" not in pretrain.reproduce_command(pretrain.Config(checkpoint_every=7))
 

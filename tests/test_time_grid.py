@@ -91,5 +91,7 @@ def test_the_path_kl_weighs_each_step_by_its_own_length():
 
 def test_finetune_takes_the_power_and_checks_it():
     assert ft.Config(time_power=2.0).time_power == 2.0
-    with pytest.raises(ConfigError, match="'time_power' must be >= 0"):
-        ft.Config(time_power=-1.0)
+    assert ft.Config().time_power is None  # the model's default grid
+    for bad in (-1.0, 0.0):  # 0.0: the former sentinel for the model's default
+        with pytest.raises(ConfigError, match=r"'time_power' must be None \(the default\) or > 0"):
+            ft.Config(time_power=bad)

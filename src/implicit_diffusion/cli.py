@@ -102,7 +102,8 @@ def _settings_text(name: str) -> str:
 
     module = _job(name)
     command = "pretrain DATASET" if name == "pretrain" else f"run {name}"
-    lines = [f"settings of {name} (--set KEY=VALUE, values in TOML syntax; `implicit-diffusion {command}`):",
+    lines = [f"settings of {name} (--set KEY=VALUE, values in TOML syntax, None as KEY=None; "
+             f"`implicit-diffusion {command}`):",
              render_text(module.Config)]
     presets = getattr(module, "PRESETS", {})
     if presets:

@@ -65,7 +65,7 @@ ALGORITHMS = DIFFUSION_ALGORITHMS
 DEFAULT_MODEL = {"brightness": "digits", "red": "photo-patches", "class": "digits"}
 CLASS_REWARD = re.compile(r"class:[0-9](@.+)?")  # objectives.class_reward: log p(C | x) of a shipped classifier
 SUPPORTS_SHARDING = True  # torchrun: particles / queue slots split over processes
-DEFAULT_TIME_POWER = 2.0  # time_power = 0 on a uniform (continuous) grid: see tests/test_default_sampler.py
+DEFAULT_TIME_POWER = 2.0  # time_power = None on a uniform (continuous) grid: see tests/test_default_sampler.py
 SAMPLERS = ("ddpm", "euler-maruyama")  # stochastic steps with an exact path KL (score_kl_weights)
 
 
@@ -78,17 +78,17 @@ PRESETS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class Config:
-    model: str = setting("", "a shipped model's name (digits, photo-patches, mnist5k) or a model.safetensors written "
-                             "by `pretrain`; \"\" (the default) = the shipped model for the reward")
-    diffusers_model: str = setting("", "instead of model: a local diffusers UNet2DModel + DDPM/DDIM scheduler "
-                                       "directory; \"\" = none")
+    model: str | None = setting(None, "a shipped model's name (digits, photo-patches, mnist5k) or a model.safetensors "
+                                      "written by `pretrain`; None (the default) = the shipped model for the reward")
+    diffusers_model: str | None = setting(None, "instead of model: a local diffusers UNet2DModel + DDPM/DDIM "
+                                                "scheduler directory; None (the default) = none")
     reward: str = setting("brightness", "the image reward the finetuning maximises: the mean pixel, the redness, "
                                         "or class:C = log p(C | x) under the shipped digit classifier for the "
                                         "model's image size (class:C@FILE: a classifier file); a class reward also "
                                         "reports the fraction of samples classified as C",
                           allowed=f"{', '.join(IMAGE_REWARDS)}, class:C (C in 0..9), class:C@NAME")
-    data: str = setting("", "images on disk to pretrain on first, when no model is given (MNIST IDX/.npz, CIFAR-10, "
-                            "a folder); \"\" = none")
+    data: str | None = setting(None, "images on disk to pretrain on first, when no model is given (MNIST IDX/.npz, "
+                                     "CIFAR-10, a folder); None (the default) = none")
     trust_pickle: bool = setting(False, "allow reading pickled files (CIFAR-10 python batches) from a trusted source")
     pretrain_steps: int = setting(6_000, "optimizer steps of the pretraining on data (only with data)",
                                          unit="optimizer steps", allowed="> 0")
@@ -103,10 +103,10 @@ class Config:
     sampler: str = setting("ddpm", "the sampler step: ddpm (ancestral) or euler-maruyama (reverse SDE)",
                                    allowed=SAMPLERS)
     num_sampling_steps: int = setting(50, "M, sampler steps per sample", unit="sampler steps", allowed="> 0")
-    time_power: float = setting(0.0, "ρ of the sampling grid t_min + (T − t_min)(1 − m/M)^ρ (1: uniform; > 1: finer "
-                                     "near 0); 0 (the default) = the model's default: ρ = 2 on a built-in model's "
-                                     "continuous schedule, a diffusers scheduler's own timestep spacing",
-                                     allowed=">= 0 (0 = the model's default)")
+    time_power: float | None = setting(None, "ρ of the sampling grid t_min + (T − t_min)(1 − m/M)^ρ (1: uniform; "
+                                             "> 1: finer near 0); None (the default) = the model's default: ρ = 2 on "
+                                             "a built-in model's continuous schedule, a diffusers scheduler's own "
+                                             "timestep spacing", allowed="None or a number > 0")
     lora_rank: int | None = setting(None, "LoRA: train rank-r adapters W + (α/r)·B A on every Linear and Conv2d "
                                           "weight (α = r) instead of all weights; the written model has them "
                                           "merged, the adapters are also written alone; None (the default) = "
@@ -127,15 +127,15 @@ class Config:
     sweep: bool = setting(False, "run once per λ/β of sweep_ratios (needs kl_weight > 0) instead of once")
     sweep_ratios: tuple[float, ...] = setting((10.0, 100.0, 1000.0), "the λ/β values of sweep", allowed="numbers > 0")
     seed: int = setting(0, "random seed")
-    num_threads: int = setting(0, "CPU threads of torch; 0 (the default) = automatic: torch's default",
-                                  allowed="0 or an integer up to this machine's CPU count")
+    num_threads: int | None = setting(None, "CPU threads of torch; None (the default) = automatic: torch's default",
+                                      allowed="None or an integer from 1 to this machine's CPU count")
     progress: bool = setting(True, "show a progress bar on the terminal")
-    checkpoint_every: int = setting(0, "iterations between checkpoints, counted in each run of a sweep; 0 (the "
-                                       "default) = only on Ctrl-C, SIGTERM or SIGHUP",
-                                       unit="iterations", allowed=">= 0")
-    max_batch: int = setting(0, "queue: the most samples per network call (chunks of the M·B in flight); 0 (the "
-                                "default) = all in one call",
-                                unit="samples", allowed=">= 0; > 0 only with a queue algorithm")
+    checkpoint_every: int | None = setting(None, "iterations between checkpoints, counted in each run of a sweep; "
+                                                 "None (the default) = only on Ctrl-C, SIGTERM or SIGHUP",
+                                           unit="iterations", allowed="None or an integer >= 1")
+    max_batch: int | None = setting(None, "queue: the most samples per network call (chunks of the M·B in flight); "
+                                          "None (the default) = all in one call",
+                                    unit="samples", allowed="None or an integer >= 1; only with a queue algorithm")
     queue_fill: str = setting("wait", "pipelined queue: \"wait\" = no θ update until its gradient is complete; "
                                       "\"partial\" = the fill's partial gradients update θ too",
                                       allowed=("wait", "partial"))
@@ -151,10 +151,16 @@ class Config:
         if not CLASS_REWARD.fullmatch(self.reward):
             one_of(self, "reward", [*IMAGE_REWARDS, "class:C (C in 0..9)", "class:C@NAME"])
         one_of(self, "algorithm", ALGORITHMS)
-        if sum(bool(v) for v in (self.model, self.data, self.diffusers_model)) > 1:
+        for key in ("model", "diffusers_model", "data"):
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                raise ConfigError(f"config key {key!r} must name a model or a path, or be None (the default), got "
+                                  f"an empty string")
+        if sum(v is not None for v in (self.model, self.data, self.diffusers_model)) > 1:
             raise ConfigError("give at most one of model (a pretrained file), diffusers_model (a diffusers "
                               "directory) and data (images to pretrain on)")
-        nonnegative(self, "time_power", note="(0: the model's default grid)")
+        for key in ("time_power", "max_batch"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ConfigError(f"config key {key!r} must be None (the default) or > 0, got {getattr(self, key)}")
         if self.lora_rank is not None and not self.lora_rank > 0:
             raise ConfigError(f"config key 'lora_rank' must be None (finetune every weight) or an integer > 0, "
                               f"got {self.lora_rank}")
@@ -168,10 +174,9 @@ class Config:
             raise ConfigError(f"config key 'sweep_ratios' must be positive numbers, got {short(self.sweep_ratios)}")
         if self.sweep and not self.kl_weight > 0:
             raise ConfigError("--sweep varies λ/β: it needs kl_weight > 0")
-        nonnegative(self, "num_threads", "max_batch")
-        if self.max_batch and not self.algorithm.startswith("queue"):
+        if self.max_batch is not None and not self.algorithm.startswith("queue"):
             raise ConfigError(f"config key 'max_batch' chunks the queue's batched calls; algorithm "
-                              f"{self.algorithm!r} runs one batch at a time (use max_batch = 0)")
+                              f"{self.algorithm!r} runs one batch at a time (leave max_batch out: None)")
         check_checkpoint_every(self.checkpoint_every)
         if not 1 <= self.draft_k <= self.num_sampling_steps:
             raise ConfigError(f"config key 'draft_k' must be from 1 to num_sampling_steps = {self.num_sampling_steps}, "
@@ -209,7 +214,7 @@ class Config:
         model's size (1×8×8 digits, 3×8×8 photo patches, 1×28×28 mnist5k); a model of unknown size
         counts one number per image."""
         b = 8 if self.dtype == "float64" else 4
-        model = self.model or ("" if self.data or self.diffusers_model else DEFAULT_MODEL.get(self.reward_family, ""))
+        model = self.model or (None if self.data or self.diffusers_model else DEFAULT_MODEL.get(self.reward_family))
         pixels = {"digits": 64, "photo-patches": 192, "mnist5k": 784}.get(model, 1)
         states = (self.num_sampling_steps + 1) * pixels * b
         return {f"eval_samples = {self.eval_samples:,} ({self.num_sampling_steps + 1} states of {pixels} numbers "
@@ -327,11 +332,13 @@ def _run(config: Config, sink, checkpoints: Checkpoints | None) -> Result:
     if config.reward == "red" and shape[0] != 3:
         raise ConfigError(f"the red reward needs a colour (3-channel) model; {source} has {shape[0]} channel(s)")
     try:
-        power = config.time_power or (DEFAULT_TIME_POWER if trained_schedule.spacing == "uniform" else 1.0)
+        power = config.time_power
+        if power is None:
+            power = DEFAULT_TIME_POWER if trained_schedule.spacing == "uniform" else 1.0
         schedule = replace(trained_schedule, num_steps=config.num_sampling_steps, time_power=power)
     except ValueError as e:  # e.g. more sampling steps than a diffusers scheduler's training grid has
         raise ConfigError(f"the sampling grid (config keys 'num_sampling_steps' = {config.num_sampling_steps}, "
-                          f"'time_power' = {config.time_power:g}) does not fit {source}: "
+                          f"'time_power' = {config.time_power}) does not fit {source}: "
                           f"{e}") from None
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # a resume must start from the weights the run started from (a model file, a diffusers directory or a
@@ -410,7 +417,7 @@ def _finetune(config: Config, model, net, precision: Precision, schedule, shape,
                max_grad_norm=config.max_grad_norm, **options,
                **({"fill": config.queue_fill, "tail": config.queue_tail}
                   if config.algorithm == "queue-pipelined" else {}),
-               **({"max_batch": config.max_batch} if config.max_batch else {}),
+               **({"max_batch": config.max_batch} if config.max_batch is not None else {}),
                **({"last_k": config.draft_k} if config.algorithm == "draft-k" else {}),
                **({"kl_weight": beta} if config.algorithm == "adjoint-matching" else {}))
     # under torchrun each process holds batch_size / W of every batch, with its own random stream

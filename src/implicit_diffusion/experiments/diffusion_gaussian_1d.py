@@ -120,7 +120,7 @@ class Result:
 
 def run(config: Config, *, metrics_sink=None) -> Result:
     """Train θ with each algorithm of ``config.algorithms`` from the same seed."""
-    with torch_threads(0, config.batch_size * config.num_sampling_steps):
+    with torch_threads(None, config.batch_size * config.num_sampling_steps):
         return _run(config, metrics_sink)
 
 

@@ -48,7 +48,7 @@ from ..runtime.recording import EvalRecorder
 from ..runtime.settings import setting
 from ..runtime.state import pack, state_of
 from ..runtime.threads import torch_threads
-from ..runtime.validation import check, check_fields, nonnegative, positive
+from ..runtime.validation import check, check_fields, positive
 from ..samplers import langevin_chain
 
 __all__ = ["EBMConfig", "EBMResult", "MethodResult", "run", "save", "table", "Config"]
@@ -103,12 +103,13 @@ class EBMConfig:
     dtype: Literal["float32", "float64"] = setting("float32", "floating-point type of the particles and the energy")
     device: str = setting("auto", "where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N "
                                   "or mps")
-    num_threads: int = setting(0, "CPU threads of torch; 0 (the default) = automatic: 1 thread for small batches, "
-                                  "torch's default above (runtime.threads)",
-                                  allowed="0 or an integer up to this machine's CPU count")
+    num_threads: int | None = setting(None, "CPU threads of torch; None (the default) = automatic: 1 thread for "
+                                            "small batches, torch's default above (runtime.threads)",
+                                      allowed="None or an integer from 1 to this machine's CPU count")
     progress: bool = setting(True, "show a progress bar on the terminal")
-    checkpoint_every: int = setting(0, "θ updates between checkpoints, in each method's loop; 0 (the default) = only "
-                                       "on Ctrl-C, SIGTERM or SIGHUP", unit="θ updates", allowed=">= 0")
+    checkpoint_every: int | None = setting(None, "θ updates between checkpoints, in each method's loop; None (the "
+                                                 "default) = only on Ctrl-C, SIGTERM or SIGHUP", unit="θ updates",
+                                           allowed="None or an integer >= 1")
 
     def __post_init__(self) -> None:
         check_fields(self)  # finite numbers, int64 integers, seed and num_threads bounds (runtime.validation)
@@ -132,7 +133,6 @@ class EBMConfig:
                 f"config key 'nested_inner_steps' ({self.nested_inner_steps}) exceeds the sampler budget "
                 f"num_steps·sampler_steps_per_update = {self.num_steps * self.sampler_steps_per_update}"
             )
-        nonnegative(self, "num_threads", note="(0 = automatic)")
         check_checkpoint_every(self.checkpoint_every)
         check_device_name(self.device)
 

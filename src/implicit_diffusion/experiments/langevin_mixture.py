@@ -86,12 +86,13 @@ class LangevinMixtureConfig:
     dtype: Literal["float32", "float64"] = setting("float32", "floating-point type of the particles and θ")
     device: str = setting("auto", "where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N "
                                   "or mps")
-    num_threads: int = setting(0, "CPU threads of torch; 0 (the default) = automatic: 1 thread below 20,000 numbers "
-                                  "per batch, torch's default above",
-                                  allowed="0 or an integer up to this machine's CPU count")
+    num_threads: int | None = setting(None, "CPU threads of torch; None (the default) = automatic: 1 thread below "
+                                            "20,000 numbers per batch, torch's default above",
+                                      allowed="None or an integer from 1 to this machine's CPU count")
     progress: bool = setting(True, "show a progress bar on the terminal")
-    checkpoint_every: int = setting(0, "θ updates between checkpoints; 0 (the default) = only on Ctrl-C, SIGTERM or "
-                                       "SIGHUP", unit="θ updates", allowed=">= 0")
+    checkpoint_every: int | None = setting(None, "θ updates between checkpoints; None (the default) = only on "
+                                                 "Ctrl-C, SIGTERM or SIGHUP", unit="θ updates",
+                                           allowed="None or an integer >= 1")
     particle_blocks: int = setting(1, "B blocks of particles with their own random streams; torchrun needs a "
                                       "multiple of its world size W", allowed=">= 1, dividing num_particles")
     on_nonfinite: Literal["stop", "skip"] = setting("stop", "stop the run at a non-finite particle or θ, or skip "
@@ -110,7 +111,6 @@ class LangevinMixtureConfig:
                               f"({self.num_particles}), got {self.particle_blocks}")
         check_checkpoint_every(self.checkpoint_every)
         check_device_name(self.device)
-        nonnegative(self, "num_threads", note="(0 = automatic)")
         nonnegative(self, "kl_weight")
         if self.sampler == "myula-box" and self.step_size > 1.0:
             raise ConfigError(f"config key 'step_size' must be <= 1 (the MYULA parameter λ) with sampler "

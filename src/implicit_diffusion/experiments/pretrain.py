@@ -60,7 +60,8 @@ def _unet_groups() -> int:
 class Config:
     dataset: str = setting("digits", "the data set to learn (mnist, cifar10 and images are read from data)",
                                      allowed=DATASETS)
-    data: str = setting("", "path of the images, for mnist, cifar10 and images; \"\" = none")
+    data: str | None = setting(None, "path of the images, for mnist, cifar10 and images; None (the default) = "
+                                     "none (the built-in data sets)")
     trust_pickle: bool = setting(False, "allow reading pickled files (CIFAR-10 python batches) from a trusted source")
     limit: int | None = setting(None, "keep only the first N images of a file data set, or N random ones of mnist5k; "
                                       "None (the default): all", unit="images", allowed=">= 1")
@@ -82,11 +83,12 @@ class Config:
                                    allowed="> 0")
     sampling_steps: int = setting(100, "sampler steps of those samples", unit="sampler steps", allowed="> 0")
     seed: int = setting(0, "random seed")
-    num_threads: int = setting(0, "CPU threads of torch; 0 (the default) = automatic: torch's default",
-                                  allowed="0 or an integer up to this machine's CPU count")
+    num_threads: int | None = setting(None, "CPU threads of torch; None (the default) = automatic: torch's default",
+                                      allowed="None or an integer from 1 to this machine's CPU count")
     progress: bool = setting(True, "show a progress bar on the terminal")
-    checkpoint_every: int = setting(0, "optimizer steps between checkpoints; 0 (the default) = only on Ctrl-C, "
-                                       "SIGTERM or SIGHUP", unit="optimizer steps", allowed=">= 0")
+    checkpoint_every: int | None = setting(None, "optimizer steps between checkpoints; None (the default) = only "
+                                                 "on Ctrl-C, SIGTERM or SIGHUP", unit="optimizer steps",
+                                           allowed="None or an integer >= 1")
     device: str = setting("auto", "where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N "
                                   "or mps")
     dtype: str = setting("float32", "float32, float64 or bfloat16 (autocast forwards, float32 master weights)",
@@ -98,6 +100,8 @@ class Config:
         one_of(self, "dtype", PRECISIONS)
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown data set {self.dataset!r}; allowed: {', '.join(DATASETS)}")
+        if self.data is not None and not self.data.strip():
+            raise ConfigError("config key 'data' must be a path or None (the default), got an empty string")
         if self.dataset in FILE_DATASETS and not self.data:
             raise ConfigError(f"data set {self.dataset!r} is read from disk: pass --data PATH")
         if self.data and self.dataset not in FILE_DATASETS:
@@ -117,8 +121,6 @@ class Config:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"config key 'limit' must be >= 1, or None (omit the key) for all images, "
                               f"got {self.limit}")
-        if self.num_threads < 0:
-            raise ConfigError("config key 'num_threads' must be >= 0 (0 = automatic)")
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             raise ConfigError(f"config key 'channel_mults' must be positive integers, got {short(self.channel_mults)}")
         side = {"digits": 8, "mnist5k": 28, "photo-patches": self.patch_size}.get(self.dataset)

@@ -46,7 +46,7 @@ from ..runtime.progress import ProgressBar
 from ..runtime.settings import setting
 from ..runtime.tables import key_values
 from ..runtime.threads import torch_threads
-from ..runtime.validation import check, check_fields, nonnegative, positive
+from ..runtime.validation import check, check_fields, positive
 
 __all__ = ["Config", "QUANTITIES", "Result", "RULES", "THEORY_EXPONENTS", "problem", "run", "run_single", "save",
            "step_rules", "table", "time_axis"]
@@ -81,8 +81,9 @@ class Config:
     dtype: Literal["float32", "float64"] = setting("float64", "floating-point type of the particles")
     device: str = setting("auto", "where the run computes: auto (CUDA when available, else CPU), cpu, cuda, cuda:N "
                                   "or mps")
-    num_threads: int = setting(0, "CPU threads of torch; 0 (the default) = automatic: 1 thread for these small "
-                                  "batches", allowed="0 or an integer up to this machine's CPU count")
+    num_threads: int | None = setting(None, "CPU threads of torch; None (the default) = automatic: 1 thread for "
+                                            "these small batches",
+                                      allowed="None or an integer from 1 to this machine's CPU count")
     progress: bool = setting(True, "show a progress bar on the terminal")
 
     def __post_init__(self) -> None:
@@ -109,7 +110,6 @@ class Config:
                                   f"(ULA diverges above), got {getattr(self, name)!r}")
         if not 0 < self.fit_from < 1:
             raise ConfigError(f"config key 'fit_from' must be in (0, 1), got {self.fit_from!r}")
-        nonnegative(self, "num_threads", note="(0 = automatic)")
         check_device_name(self.device)
         if self.num_seeds > 2**20:  # seeds seed … seed + num_seeds − 1 must stay below torch's 2**64
             raise ConfigError(f"config key 'num_seeds' must be <= {2**20:,}, got {self.num_seeds:,}")

@@ -157,10 +157,11 @@ def check_meta(meta: Any, path: str | Path, experiments: Collection[str] | None 
     return meta
 
 
-def check_checkpoint_every(every: int) -> None:
-    """The config key ``checkpoint_every`` must be >= 0 (0: checkpoints only on Ctrl-C)."""
-    if every < 0:
-        raise ConfigError(f"config key 'checkpoint_every' must be >= 0 (0 = only on Ctrl-C), got {every}")
+def check_checkpoint_every(every: int | None) -> None:
+    """The config key ``checkpoint_every`` must be None (checkpoints only on a stop signal) or >= 1."""
+    if every is not None and not every >= 1:
+        raise ConfigError(f"config key 'checkpoint_every' must be None (checkpoints only on Ctrl-C, SIGTERM or "
+                          f"SIGHUP) or an integer >= 1, got {every}")
 
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -183,14 +184,14 @@ class Checkpoints:
 
     Args:
         run_dir: the run directory (the checkpoint is ``run_dir / CHECKPOINT_FILE``).
-        every: write a checkpoint every this many θ updates (0: only on Ctrl-C).
+        every: write a checkpoint every this many θ updates (None: only on Ctrl-C, SIGTERM or SIGHUP).
         experiment: the experiment's name (``resume`` looks it up).
         config: the resolved config (stored, and compared on resume).
         metrics_position: returns the current length of the metrics file (after a flush).
         resumed: ``(tensors, meta)`` of the checkpoint to continue from, or None.
     """
 
-    def __init__(self, run_dir: str | Path, every: int, *, experiment: str, config: Any,
+    def __init__(self, run_dir: str | Path, every: int | None, *, experiment: str, config: Any,
                  metrics_position: Callable[[], int] = lambda: 0,
                  resumed: tuple[dict[str, Tensor], dict[str, Any]] | None = None):
         check_checkpoint_every(every)

@@ -30,8 +30,8 @@ from .validation import check_value, clip, short
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 
-__all__ = ["CONFIG_SUFFIXES", "MAX_DEPTH", "MAX_FILE_BYTES", "build_config", "load_config_file", "parse_overrides",
-           "config_to_dict", "config_to_toml"]
+__all__ = ["CONFIG_SUFFIXES", "LEGACY_SENTINELS", "MAX_DEPTH", "MAX_FILE_BYTES", "build_config", "load_config_file",
+           "parse_overrides", "config_to_dict", "config_to_toml", "without_legacy_sentinels"]
 
 C = TypeVar("C")
 
@@ -190,6 +190,21 @@ def _yaml_loader() -> type:
     return SettingsLoader
 
 
+LEGACY_SENTINELS: dict[str, Any] = {"num_threads": 0, "checkpoint_every": 0, "max_batch": 0, "time_power": 0.0,
+                                    "model": "", "diffusers_model": "", "data": ""}
+"""What run directories of earlier releases wrote for "automatic" or "none" where the key is now None."""
+
+
+def without_legacy_sentinels(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` of a saved run (its config.toml, its checkpoint's config) with the keys that hold an
+    earlier release's sentinel (:data:`LEGACY_SENTINELS`) for a key that now defaults to None left out,
+    so that they read back as None with the meaning they had; new configs get no such translation."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items()
+            if not (k in LEGACY_SENTINELS and defaults.get(k, ...) is None and type(v) is type(LEGACY_SENTINELS[k])
+                    and v == LEGACY_SENTINELS[k])}
+
+
 def build_config(cls: type[C], *sources: Mapping[str, Any]) -> C:
     """Defaults of ``cls``, updated by each mapping in turn, validated and frozen.
 
@@ -266,8 +281,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return ConfigError(f"config key {key!r}: expected {_describe(tp)}, got {short(value)}")
 
     origin = get_origin(tp)
-    if _is_optional(tp):
-        return None if value is None else _coerce(key, value, _non_none(tp))
+    if _is_optional(tp):  # None: the key omitted, or --set key=None as the settings help writes it
+        return None if value is None or value == "None" else _coerce(key, value, _non_none(tp))
     if origin is Literal:
         if value not in get_args(tp):
             raise bad()

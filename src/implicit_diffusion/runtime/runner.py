@@ -14,7 +14,7 @@ from .. import distributed
 from ..errors import ConfigError, DataError, ImplicitDiffusionError, RunDirError
 from ..serialization import atomic_write_text
 from .checkpoints import CHECKPOINT_FILE, Checkpoints, check_meta, load_checkpoint
-from .config import build_config, config_to_dict, config_to_toml, load_config_file
+from .config import build_config, config_to_dict, config_to_toml, load_config_file, without_legacy_sentinels
 from .lock import RunDirLock
 from .memory import check_config as check_memory
 from .rundir import MetricsWriter, prepare_run_dir
@@ -121,8 +121,8 @@ def _execute_sharded(experiment: ModuleType, config, run_dir: str | Path, name: 
     not split their work (no ``SUPPORTS_SHARDING = True``) are refused, on every process."""
     if not getattr(experiment, "SUPPORTS_SHARDING", False):
         raise ConfigError(f"experiment {name!r} does not shard its work over processes; run it without torchrun")
-    if getattr(config, "checkpoint_every", 0):  # checked on every process alike, before any collective call
-        raise ConfigError(f"config key 'checkpoint_every' must be 0 under torchrun (sharded runs write no "
+    if getattr(config, "checkpoint_every", None):  # checked on every process alike, before any collective call
+        raise ConfigError(f"config key 'checkpoint_every' must be None under torchrun (sharded runs write no "
                           f"checkpoints yet), got {config.checkpoint_every}; run on one process to checkpoint")
     error, lock = None, contextlib.ExitStack()
     if distributed.is_main():  # rank 0 writes, so it holds the directory's lock
@@ -177,12 +177,14 @@ def _resume_locked(run_dir: Path, experiments: dict[str, ModuleType], device: st
     on_device = {} if device is None else {"device": device}
     if on_device and not hasattr(experiment.Config, "device"):
         raise ConfigError(f"experiment {name!r} has no device setting")
-    config = build_config(experiment.Config, load_config_file(run_dir / "config.toml"), on_device)
+    saved = without_legacy_sentinels(experiment.Config, load_config_file(run_dir / "config.toml"))
+    config = build_config(experiment.Config, saved, on_device)
     _device_of(config)
     check_memory(config)
     # keys a checkpoint of an earlier release does not have read as their defaults (device, dtype)
     defaults = config_to_dict(experiment.Config())
-    if {**config_to_dict(config), **on_device} != {**defaults, **meta["config"], **on_device}:
+    recorded = without_legacy_sentinels(experiment.Config, meta["config"])
+    if {**config_to_dict(config), **on_device} != {**defaults, **recorded, **on_device}:
         raise RunDirError(f"{str(run_dir / 'config.toml')!r} differs from the config saved in the checkpoint; "
                           f"resume needs the run's own config")
     for stale in run_dir.glob(".*.tmp"):  # half-written files of a process killed while writing
@@ -241,7 +243,7 @@ def _run(experiment: ModuleType, config, run_dir: Path, name: str, resumed, tens
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics, _Sinks(metrics, run_dir, tensorboard) as sink:
         kwargs = {}
         if supports_checkpoints(experiment):
-            kwargs["checkpoints"] = Checkpoints(run_dir, getattr(config, "checkpoint_every", 0), experiment=name,
+            kwargs["checkpoints"] = Checkpoints(run_dir, getattr(config, "checkpoint_every", None), experiment=name,
                                                 config=config, metrics_position=metrics.tell, resumed=resumed)
         result = experiment.run(config, metrics_sink=sink, **kwargs)
     files = ["run.json", "config.toml", "metrics.jsonl", *experiment.save(result, run_dir)]

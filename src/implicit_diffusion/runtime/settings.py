@@ -119,7 +119,8 @@ def render_markdown(jobs: Mapping[str, Any]) -> str:
     out = ["# Settings", "",
            "Every key of every experiment, with its default, meaning, unit and allowed values: what",
            "`implicit-diffusion list EXP` prints. Set them with `--set key=value` (values in TOML syntax) or in a",
-           "`--config` file; a key whose default is None is omitted to keep it.", "",
+           "`--config` file. None (\"automatic\", \"none\") is `--set key=None`, or the key left out of a file",
+           "(TOML has no null).", "",
            "This page is generated from the config dataclasses; regenerate it with",
            "`implicit-diffusion list --markdown > docs/settings.md` (a test fails when it is out of date).", ""]
     for name, module in jobs.items():

@@ -19,13 +19,15 @@ AUTO_SINGLE_THREAD_BELOW = 20_000  # tensor elements per particle batch
 
 
 @contextlib.contextmanager
-def torch_threads(num_threads: int, batch_numel: int | None = None) -> Iterator[int]:
-    """Set ``torch.set_num_threads`` for the block: ``num_threads`` if > 0, else 1 for batches
-    under :data:`AUTO_SINGLE_THREAD_BELOW` elements and torch's setting otherwise (also when
-    ``batch_numel`` is None: no automatic choice)."""
+def torch_threads(num_threads: int | None, batch_numel: int | None = None) -> Iterator[int]:
+    """Set ``torch.set_num_threads`` for the block: ``num_threads`` if given, else (None: automatic)
+    1 for batches under :data:`AUTO_SINGLE_THREAD_BELOW` elements and torch's setting otherwise
+    (also when ``batch_numel`` is None: no automatic choice)."""
     previous = torch.get_num_threads()
     small = batch_numel is not None and batch_numel < AUTO_SINGLE_THREAD_BELOW
-    n = num_threads if num_threads > 0 else (1 if small else previous)
+    if num_threads is not None and not (isinstance(num_threads, int) and num_threads >= 1):
+        raise ValueError(f"num_threads must be None (automatic) or an integer >= 1, got {num_threads!r}")
+    n = num_threads if num_threads is not None else (1 if small else previous)
     if n != previous:
         torch.set_num_threads(n)
     try:

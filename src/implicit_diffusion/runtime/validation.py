@@ -119,7 +119,7 @@ def _int_range(name: str) -> tuple[int, int, str]:
         return 0, INT_BOUND - 1, SEED_ALLOWED
     if name == "num_threads":
         n = cpu_count()
-        return 0, n, f"an integer in [0, {n}] (0 = automatic; this machine has {n} CPUs)"
+        return 1, n, f"None (automatic) or an integer in [1, {n}] (this machine has {n} CPUs)"
     return -INT_BOUND + 1, INT_BOUND - 1, "an integer of magnitude < 2**63"
 
 
