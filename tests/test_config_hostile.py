@@ -235,13 +235,16 @@ def test_huge_values_are_shortened_in_messages(capsys, tmp_path):
     f.write_text("reward: " + "x" * 200_000 + "\n")
     with pytest.raises(ConfigError) as e:
         build_config(LangevinMixtureConfig, load_config_file(f))
-    assert "'reward'" in str(e.value) and "(200,002 characters)" in str(e.value) and len(str(e.value)) < 200
+    # the value is shortened; the setting's help follows in brackets, at most 400 characters of it
+    message, _, help_text = str(e.value).partition(" [reward: ")
+    assert "'reward'" in message and "(200,002 characters)" in message and len(message) < 200
+    assert help_text.startswith("the reward") and len(help_text) <= 401
     f.write_text("device: " + "x" * 200_000 + "\n")  # a free string: bounded in length
     with pytest.raises(ConfigError, match="'device' must be a string of at most 4,096 characters") as e:
         build_config(LangevinMixtureConfig, load_config_file(f))
-    assert len(str(e.value)) < 200
+    assert len(str(e.value)) < 200 + 400 and " [device: where the run computes" in str(e.value)
     err = _cli(capsys, tmp_path, "run", "langevin-mixture", "--config", str(f))
-    assert len(err) < 300
+    assert len(err) < 300 + 400
 
 
 def test_short_never_fails_and_keeps_small_values_exact():

@@ -189,3 +189,36 @@ def test_pretrain_limit_none_keeps_every_image():
         dataset="mnist5k", limit=5_000).memory_estimate()
     with pytest.raises(ConfigError, match="'limit' must be >= 1, or None"):
         pretrain.Config(limit=0)
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_a_config_error_naming_one_key_quotes_that_settings_help(name, capsys, tmp_path):
+    """The help `list` prints follows the error in brackets, for every job: a seed outside its range is
+    refused by the shared rules, and the message ends with the seed's own description."""
+    cls = JOBS[name].Config
+    seed = next(s for s in settings_of(cls) if s.name == "seed")
+    with pytest.raises(ConfigError) as e:
+        build_config(cls, {"seed": -1})
+    assert str(e.value).startswith("config key 'seed' must be") and str(e.value).endswith(f" [seed: {describe(seed)}]")
+    args = ["pretrain", "digits"] if name == "pretrain" else ["run", name]
+    assert main([*args, "--set", "seed=-1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"[seed: {describe(seed)}]" in err and err.count("\n") == 1
+
+
+def test_the_help_is_quoted_only_for_one_known_key():
+    from implicit_diffusion.experiments import diffusion_finetune as ft
+
+    lr = next(s for s in settings_of(ft.Config) if s.name == "lr")
+    with pytest.raises(ConfigError, match=r"'lr' must be > 0, got -1.0 \[lr: Adam's learning rate\. Allowed: > 0\.\]$"):
+        build_config(ft.Config, {"lr": -1})
+    assert describe(lr) == "Adam's learning rate. Allowed: > 0."
+    with pytest.raises(ConfigError) as e:  # an unknown key: the list of valid keys, no help
+        build_config(ft.Config, {"lrr": 1})
+    assert "[" not in str(e.value)
+    with pytest.raises(ConfigError) as e:  # several keys named: no one help to quote
+        build_config(ft.Config, {"model": "digits", "data": "x"})
+    assert "give at most one of model" in str(e.value) and "[" not in str(e.value)
+    with pytest.raises(ConfigError) as e:  # from Python, the dataclass's own message
+        ft.Config(lr=-1)
+    assert str(e.value) == "config key 'lr' must be > 0, got -1"

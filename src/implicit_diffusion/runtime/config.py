@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import sys
 import types
 import typing
@@ -31,7 +32,7 @@ from .validation import check_value, clip, short
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 
 __all__ = ["CONFIG_SUFFIXES", "LEGACY_SENTINELS", "MAX_DEPTH", "MAX_FILE_BYTES", "build_config", "load_config_file",
-           "parse_overrides", "config_to_dict", "config_to_toml", "without_legacy_sentinels"]
+           "parse_overrides", "config_to_dict", "config_to_toml", "with_setting_help", "without_legacy_sentinels"]
 
 C = TypeVar("C")
 
@@ -216,19 +217,42 @@ def build_config(cls: type[C], *sources: Mapping[str, Any]) -> C:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for source in sources:
-        for key, value in source.items():
-            if key not in fields:
-                raise ConfigError(f"unknown config key {short(key)}; valid keys: {', '.join(sorted(fields))}; see "
-                                  f"`implicit-diffusion list{_job_name(cls)}` for what each means")
-            check_value(key, value, hints[key], allow_inf=bool(fields[key].metadata.get("allow_inf")))
-            values[key] = _coerce(key, value, hints[key])
     try:
-        return cls(**values)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
+        for source in sources:
+            for key, value in source.items():
+                if key not in fields:
+                    raise ConfigError(f"unknown config key {short(key)}; valid keys: {', '.join(sorted(fields))}; "
+                                      f"see `implicit-diffusion list{_job_name(cls)}` for what each means")
+                check_value(key, value, hints[key], allow_inf=bool(fields[key].metadata.get("allow_inf")))
+                values[key] = _coerce(key, value, hints[key])
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(str(e)) from None
+    except ConfigError as e:
+        raise with_setting_help(cls, e) from None
+
+
+_KEY_IN_MESSAGE = re.compile(r"config key '([A-Za-z_][A-Za-z0-9_]*)'")
+
+
+def with_setting_help(cls: type, error: ConfigError) -> ConfigError:
+    """``error`` with the help text of the one setting of ``cls`` it names ("config key 'lr' ..."), the
+    same text `implicit-diffusion list` prints: "... [lr: Adam's learning rate. Allowed: > 0.]"; as it
+    was when it names no setting, several, or an unknown key."""
+    from .settings import describe, settings_of
+
+    message = str(error)
+    named = set(_KEY_IN_MESSAGE.findall(message))
+    if len(named) != 1 or message.startswith("unknown config key"):
+        return error
+    (key,) = named
+    found = next((s for s in settings_of(cls) if s.name == key and s.help), None)
+    if found is None:
+        return error
+    return ConfigError(f"{message} [{key}: {clip(describe(found), 400)}]")
 
 
 def _job_name(cls: type) -> str:

@@ -5,7 +5,8 @@ An experiment's config declares a field with :func:`setting`::
     step_size: float | None = setting(None, "γ of ULA; None (the default): the data set's own", allowed="> 0")
 
 and that one declaration feeds ``implicit-diffusion list EXP``, ``implicit-diffusion run EXP --help``, the
-"unknown config key" error and the tables of ``docs/settings.md`` (:func:`render_markdown`; regenerate
+"unknown config key" error, the help quoted after every config error that names one key
+(:func:`~.config.with_setting_help`) and the tables of ``docs/settings.md`` (:func:`render_markdown`; regenerate
 with ``implicit-diffusion list --markdown > docs/settings.md``, a test checks the file is current).
 For ``Literal`` types the allowed values come from the type.
 """
