@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from test_adjoint_matching_sampler import GaussianEps, chain_law
 
 from implicit_diffusion import ScoreMLP, VPSchedule, ddpm_step
 from implicit_diffusion.algorithms import DiffusionAdjointMatching
@@ -77,24 +77,8 @@ def test_the_accumulated_gradient_is_autograd_of_the_written_out_loss():
 
 
 # --------------------------------------------------------------------------- a linear-Gaussian chain
-
-
-class GaussianEps(nn.Module):
-    """The exact ε of data N(μ_d, s_d²) under ``schedule`` plus a learnable shift per sampler step: with DDPM
-    the chain is linear, x_{m+1} = A_m x_m + o_m + σ_m ξ_m, and the shift moves o_m only (the control)."""
-
-    prediction = "epsilon"
-
-    def __init__(self, schedule, mu=1.5, sd=0.5):
-        super().__init__()
-        self.schedule, self.mu, self.var = schedule, mu, sd**2
-        self.shift = nn.Parameter(torch.zeros(schedule.num_steps, dtype=F64))
-
-    def forward(self, x, t):
-        log_ab = self.schedule.log_alpha_bar(t)[:, None]
-        ab, var = log_ab.exp(), -torch.expm1(log_ab)
-        m = int(torch.argmin((self.schedule.times - t[0]).abs()))
-        return var.sqrt() * (x - ab.sqrt() * self.mu) / (ab * self.var + var) + self.shift[m]
+# GaussianEps (the exact ε plus a learnable shift per step) and chain_law (x_M's exact mean, variance, ∏A)
+# are tests/test_adjoint_matching_sampler.py's
 
 
 def _at(net, sch, m, x, z):
@@ -110,14 +94,6 @@ def chain_coefficients(net, sch):
         o = _at(net, sch, m, 0.0, 0.0)
         out.append((_at(net, sch, m, 1.0, 0.0) - o, o, _at(net, sch, m, 0.0, 1.0) - o))
     return out
-
-
-def chain_law(net, sch):
-    """Exact mean and variance of x_M from x_0 ~ N(0, 1), and ∏_m A_m."""
-    mean, var, prod = 0.0, 1.0, 1.0
-    for a, o, s in chain_coefficients(net, sch):
-        mean, var, prod = a * mean + o, a * a * var + s * s, prod * a
-    return mean, var, prod
 
 
 def optimal_shifts(net, base, sch, kappa, c):
