@@ -258,17 +258,17 @@ def test_negative_control_a_resume_that_loses_state_differs(lost, tiny_model, tm
 
 @pytest.mark.slow
 def test_checkpointing_changes_no_result_and_the_summary_comes_last(tiny_model, tmp_path, monkeypatch):
-    """checkpoint_every = 5 writes checkpoints but the same metrics, summary and weights as 0. A
+    """checkpoint_every = 5 writes checkpoints but the same metrics, summary and weights as None. A
     crash in ``save`` (drawing the curves, after the weights) leaves no summary.json, so the run
     is not complete: resume finishes it, to the same files."""
     import implicit_diffusion.plotting.diffusion as plots
 
-    for every in (0, 5):
+    for every in (None, 5):
         execute(ft, ft.Config(model=tiny_model, **{**TINY, "checkpoint_every": every}), tmp_path / f"every-{every}",
                 name="diffusion-finetune")
-    assert not (tmp_path / "every-0" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "every-None" / "checkpoint.safetensors").exists()
     assert (tmp_path / "every-5" / "checkpoint.safetensors").exists()
-    assert _differences(tmp_path / "every-0", tmp_path / "every-5") == []
+    assert _differences(tmp_path / "every-None", tmp_path / "every-5") == []
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash in save")
@@ -280,7 +280,7 @@ def test_checkpointing_changes_no_result_and_the_summary_comes_last(tiny_model, 
     assert (tmp_path / "save-crashed" / "finetuned.safetensors").exists()
     assert not (tmp_path / "save-crashed" / "summary.json").exists()
     resume(tmp_path / "save-crashed", EXPERIMENTS)
-    assert _differences(tmp_path / "every-0", tmp_path / "save-crashed") == []
+    assert _differences(tmp_path / "every-None", tmp_path / "save-crashed") == []
 
 
 def test_a_negative_checkpoint_interval_is_a_config_error():
