@@ -3,7 +3,8 @@
     python benchmarks/finetune_methods.py [--rewards brightness class:3] [--ratios 10 30 100]
         [--budget 15] [--M 20] [--batch 8] [--draft-k 5] [--methods ...] [--device cpu|cuda]
         [--out FILE.json] [--figure FILE.png]
-    python benchmarks/finetune_methods.py --report FILE.json   # a saved run's tables and figure again
+    python benchmarks/finetune_methods.py --report FILE.json [FILE2.json ...]   # saved runs' tables and figure
+        again; runs that differ only in --seed are combined: means over seeds ± SE across seeds
 
 The task is ``diffusion-finetune``'s: the shipped digits U-Net (ε-prediction, 8×8), DDPM ancestral
 steps, M = ``--M`` on the experiment's grid (ρ = 2), Adam (lr ``--lr``), gradient clipping at norm 1,
@@ -171,18 +172,31 @@ def plot(path: Path, rows: list[dict], bases: dict[str, dict], rewards: list[str
 def machine_line(machine: str, a: dict) -> str:
     return (f"machine: {machine}; {a['threads']} thread(s) per contender; M = {a['M']} DDPM steps (ρ = 2), batch "
             f"{a['batch']}, Adam lr {a['lr']:g}, β = 1; budget {a['budget']:g} s of training per contender; "
-            f"draft-K: K = {a['draft_k']}; seed {a['seed']}")
+            f"draft-K: K = {a['draft_k']}; " + seeds_phrase(a["seed"]))
+
+
+def seeds_phrase(seed: int | list[int]) -> str:
+    """"seed 0", or for combined runs "seeds 0, 1, 2 (means over seeds, ± SE across seeds)"."""
+    if isinstance(seed, int):
+        return f"seed {seed}"
+    return f"seeds {', '.join(map(str, seed))} (means over seeds, ± SE across seeds; cost columns: means)"
 
 
 def print_header(reward: str, base: dict) -> None:
-    frac = f", {base['fraction_classified']:.1%} classified as {reward[6:]}" if "fraction_classified" in base else ""
+    frac = (f", {base['fraction_classified']:.1%}{fraction_se(base)} classified as {reward[6:]}"
+            if "fraction_classified" in base else "")
     print(f"\n{reward}: pretrained {base['reward']:+.4f} ± {base['reward_se']:.4f}{frac}")
     print(f"  {'λ/β':>5} {'method':<17} {'reward ± SE':>18} {'path KL ± SE':>16} {'train s':>7} {'updates':>7} "
           f"{'net evals':>10} {'peak MiB':>8}" + ("  classified" if frac else ""))
 
 
+def fraction_se(r: dict) -> str:
+    """" ± 1.2%" where the fraction classified has a standard error across seeds, else ""."""
+    return f" ± {r['fraction_classified_se']:.1%}" if "fraction_classified_se" in r else ""
+
+
 def print_row(r: dict) -> None:
-    cls = f"  {r['fraction_classified']:10.1%}" if "fraction_classified" in r else ""
+    cls = f"  {r['fraction_classified']:10.1%}{fraction_se(r)}" if "fraction_classified" in r else ""
     print(f"  {r['ratio']:5g} {r['method']:<17} {r['reward']:+9.4f} ± {r['reward_se']:.4f} "
           f"{r['kl']:8.3f} ± {r['kl_se']:.3f} {r['train_s']:7.1f} {r['updates']:7d} {r['images']:10,d} "
           f"{r['peak_mib']:8.1f}{cls}", flush=True)
@@ -202,9 +216,61 @@ def print_fronts(rows: list[dict], bases: dict[str, dict], rewards: list[str], m
             print(f"  {reward:<10} {method:<17} " + "; ".join(parts))
 
 
-def report(path: Path, figure: Path | None) -> None:
-    """Print the tables of a saved run (``--out`` JSON) again and redraw its figure, without rerunning."""
-    saved = json.loads(path.read_text())
+def combine(saved: list[dict]) -> dict:
+    """Saved runs (``--out`` JSON) that differ only in their seed, as one run: per (reward, λ/β, method)
+    the mean over the seeds of the reward, path KL and fraction classified, ± their standard error
+    across seeds (sample standard deviation / √n: training seed and evaluation noise both vary), and
+    the mean of the cost columns. One run is returned as it is."""
+    if len(saved) == 1:
+        return saved[0]
+    first = saved[0]
+    fixed = {k: v for k, v in first["args"].items() if k not in ("seed", "out", "figure", "report")}
+    for run in saved[1:]:
+        other = {k: v for k, v in run["args"].items() if k not in ("seed", "out", "figure", "report")}
+        if other != fixed or run["machine"] != first["machine"]:
+            diff = sorted(k for k in set(fixed) | set(other) if fixed.get(k) != other.get(k))
+            raise SystemExit(f"--report: the runs differ in more than their seed (in {diff or 'the machine'}); "
+                             "combine only runs of the same settings on the same machine")
+    seeds = [run["args"]["seed"] for run in saved]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--report: a seed appears twice among the runs: {seeds}")
+
+    def merge(group: list[dict]) -> dict:
+        out = dict(group[0])
+        n = len(group)
+        for key, se in (("reward", "reward_se"), ("kl", "kl_se"), ("fraction_classified", "fraction_classified_se")):
+            if key in out:
+                values = [r[key] for r in group]
+                mean = sum(values) / n
+                out[key], out[se] = mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+        for key in ("train_s", "peak_mib"):
+            if key in out:
+                out[key] = sum(r[key] for r in group) / n
+        for key in ("iterations", "updates", "images"):
+            if key in out:
+                out[key] = round(sum(r[key] for r in group) / n)
+        return out
+
+    def key(r: dict) -> tuple:
+        return r["reward_name"], r["ratio"], r["method"]
+
+    keys = [key(r) for r in first["rows"]]
+    groups = {k: [] for k in keys}
+    for run in saved:
+        if sorted(map(key, run["rows"])) != sorted(keys):
+            raise SystemExit(f"--report: the run of seed {run['args']['seed']} has other contenders than seed "
+                             f"{seeds[0]}'s")
+        for r in run["rows"]:
+            groups[key(r)].append(r)
+    bases = {reward: merge([run["pretrained"][reward] for run in saved]) for reward in first["pretrained"]}
+    return {"machine": first["machine"], "args": {**first["args"], "seed": seeds},
+            "pretrained": bases, "rows": [merge(groups[k]) for k in keys]}
+
+
+def report(paths: list[Path], figure: Path | None) -> None:
+    """Print the tables of saved runs (``--out`` JSON) again and redraw the figure, without rerunning;
+    several runs that differ only in their seed are combined (:func:`combine`)."""
+    saved = combine([json.loads(Path(path).read_text()) for path in paths])
     a, rows, bases = saved["args"], saved["rows"], saved["pretrained"]
     print(machine_line(saved["machine"], a))
     for reward in a["rewards"]:
@@ -231,12 +297,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "finetune_methods.json"))
     p.add_argument("--figure", default=str(HERE / "results" / "finetune_methods.png"))
-    p.add_argument("--report", metavar="JSON", help="print a saved run's tables again and redraw its figure")
+    p.add_argument("--report", metavar="JSON", nargs="+",
+                   help="print a saved run's tables again and redraw its figure; several runs that differ only in "
+                        "their seed are combined: means over seeds ± SE across seeds")
     p.add_argument("--worker", nargs=3, metavar=("METHOD", "REWARD", "RATIO"), help=argparse.SUPPRESS)
     p.add_argument("--pretrained", metavar="REWARD", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.report:
-        report(Path(args.report), Path(args.figure))
+        report([Path(path) for path in args.report], Path(args.figure))
         return
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], float(args.worker[2]), args)))
