@@ -200,6 +200,10 @@ def test_a_config_error_naming_one_key_quotes_that_settings_help(name, capsys, t
     with pytest.raises(ConfigError) as e:
         build_config(cls, {"seed": -1})
     assert str(e.value).startswith("config key 'seed' must be") and str(e.value).endswith(f" [seed: {describe(seed)}]")
+    assert str(e.value).count("[seed: ") == 1  # explained once, though build_config and __post_init__ both explain
+    with pytest.raises(ConfigError) as from_python:  # the config built from Python explains itself as well
+        cls(seed=-1)
+    assert str(from_python.value) == str(e.value)
     args = ["pretrain", "digits"] if name == "pretrain" else ["run", name]
     assert main([*args, "--set", "seed=-1", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -219,6 +223,6 @@ def test_the_help_is_quoted_only_for_one_known_key():
     with pytest.raises(ConfigError) as e:  # several keys named: no one help to quote
         build_config(ft.Config, {"model": "digits", "data": "x"})
     assert "give at most one of model" in str(e.value) and "[" not in str(e.value)
-    with pytest.raises(ConfigError) as e:  # from Python, the dataclass's own message
+    with pytest.raises(ConfigError) as e:  # from Python too (runtime.config.explained_errors)
         ft.Config(lr=-1)
-    assert str(e.value) == "config key 'lr' must be > 0, got -1"
+    assert str(e.value) == "config key 'lr' must be > 0, got -1 [lr: Adam's learning rate. Allowed: > 0.]"

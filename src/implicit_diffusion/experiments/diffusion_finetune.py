@@ -47,6 +47,7 @@ from ..objectives.evaluation import Evaluation, evaluate, rise_in_se, sample_ima
 from ..objectives.girsanov import path_kl_cost
 from ..objectives.image_rewards import IMAGE_REWARDS
 from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
+from ..runtime.config import explained_errors
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar, status
 from ..runtime.recording import EvalRecorder, OrderedSink
@@ -76,6 +77,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
+@explained_errors
 @dataclass(frozen=True)
 class Config:
     model: str | None = setting(None, "a shipped model's name (digits, photo-patches, mnist5k) or a model.safetensors "

@@ -19,6 +19,7 @@ import torch
 from ..algorithms import DIFFUSION_ALGORITHMS
 from ..devices import check_device_name, generator_on, resolve_device
 from ..errors import ConfigError
+from ..runtime.config import explained_errors
 from ..runtime.progress import ProgressBar
 from ..runtime.settings import setting
 from ..runtime.tables import key_values
@@ -33,6 +34,7 @@ __all__ = ["Config", "GaussianScore", "Result", "run", "save", "table", "linear_
 ALGORITHMS = {k: v for k, v in DIFFUSION_ALGORITHMS.items() if k.startswith(("queue", "nested"))}
 
 
+@explained_errors
 @dataclass(frozen=True)
 class Config:
     theta0: float = setting(0.0, "θ at the start (the mean shift of the Gaussian score model)")

@@ -42,6 +42,7 @@ from ..models import EnergyMLP
 from ..models.potentials import grid_density
 from ..objectives import MinibatchContrastiveKL
 from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
+from ..runtime.config import explained_errors
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
 from ..runtime.recording import EvalRecorder
@@ -64,6 +65,7 @@ _DEFAULTS = {
 }
 
 
+@explained_errors
 @dataclass(frozen=True)
 class EBMConfig:
     """Settings of the EBM experiment; entries set to None (or ``()``) take the data set's default (``_DEFAULTS``)."""

@@ -33,6 +33,7 @@ from ..algorithms import JointBilevel, NestedBilevel, make_optimizer
 from ..devices import check_device_name, resolve_device
 from ..errors import ConfigError
 from ..models.regression import Problem, load_problem, minimize_1d
+from ..runtime.config import explained_errors
 from ..runtime.progress import ProgressBar
 from ..runtime.settings import setting
 from ..runtime.tables import columns
@@ -42,6 +43,7 @@ from ..runtime.validation import check_fields, nonnegative, positive
 __all__ = ["HyperparameterConfig", "HyperparameterResult", "Trace", "run", "save", "table"]
 
 
+@explained_errors
 @dataclass(frozen=True)
 class HyperparameterConfig:
     """Settings; the defaults run both methods on ridge in about 15 s (shared 2-core CPU)."""

@@ -34,6 +34,7 @@ from ..models import (
 from ..objectives import KLToReference, RewardEstimator, hexagon_reward, hexagon_reward_smooth
 from ..objectives.hexagon_exact import ExactEvaluation
 from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
+from ..runtime.config import explained_errors
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
 from ..runtime.recording import EvalRecorder, OrderedSink, RewardRecorder, RunningMean
@@ -52,6 +53,7 @@ REWARDS = {"indicator": hexagon_reward, "smooth": hexagon_reward_smooth}
 SUPPORTS_SHARDING = True  # torchrun: particles / queue slots split over processes
 
 
+@explained_errors
 @dataclass(frozen=True)
 class LangevinMixtureConfig:
     """Settings of the §5.1 experiment; defaults are the paper's."""

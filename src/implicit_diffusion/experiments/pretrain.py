@@ -32,6 +32,7 @@ from ..data.builtin import TWO_D_DATASETS
 from ..devices import PRECISIONS, Autocast, check_device_name, generator_on, resolve_device, resolve_precision
 from ..errors import ConfigError
 from ..runtime.checkpoints import Checkpoints, NoCheckpoints, check_checkpoint_every
+from ..runtime.config import explained_errors
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
 from ..runtime.settings import setting
@@ -56,6 +57,7 @@ def _unet_groups() -> int:
     return inspect.signature(UNet).parameters["groups"].default
 
 
+@explained_errors
 @dataclass(frozen=True)
 class Config:
     dataset: str = setting("digits", "the data set to learn (mnist, cifar10 and images are read from data)",

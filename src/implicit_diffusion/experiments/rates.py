@@ -41,6 +41,7 @@ from ..metrics import fit_loglog_slope, running_average, tail_average
 from ..models import GaussianPotential
 from ..models.gaussian_reward import GaussianRewardProblem
 from ..objectives import RewardEstimator
+from ..runtime.config import explained_errors
 from ..runtime.guards import DivergenceGuard
 from ..runtime.progress import ProgressBar
 from ..runtime.settings import setting
@@ -56,6 +57,7 @@ RULES = ("decreasing", "constant", "continuous")
 THEORY_EXPONENTS = {"decreasing": -1 / 3, "constant": None, "continuous": -1 / 2}
 
 
+@explained_errors
 @dataclass(frozen=True)
 class Config:
     """Settings of the rate study; the defaults run in about a minute on one CPU core."""

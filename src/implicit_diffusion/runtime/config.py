@@ -32,7 +32,8 @@ from .validation import check_value, clip, short
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 
 __all__ = ["CONFIG_SUFFIXES", "LEGACY_SENTINELS", "MAX_DEPTH", "MAX_FILE_BYTES", "build_config", "load_config_file",
-           "parse_overrides", "config_to_dict", "config_to_toml", "with_setting_help", "without_legacy_sentinels"]
+           "parse_overrides", "config_to_dict", "config_to_toml", "with_setting_help", "without_legacy_sentinels",
+           "explained_errors"]
 
 C = TypeVar("C")
 
@@ -235,6 +236,23 @@ def build_config(cls: type[C], *sources: Mapping[str, Any]) -> C:
         raise with_setting_help(cls, e) from None
 
 
+def explained_errors(cls: type[C]) -> type[C]:
+    """Class decorator for an experiment's config dataclass: a :class:`ConfigError` raised by its
+    ``__post_init__`` that names one setting ends with that setting's help (:func:`with_setting_help`),
+    so ``Config(lr=-1)`` from Python explains itself as ``--set lr=-1`` does on the command line."""
+    check = cls.__post_init__
+
+    @functools.wraps(check)
+    def __post_init__(self) -> None:
+        try:
+            check(self)
+        except ConfigError as e:
+            raise with_setting_help(type(self), e) from None
+
+    cls.__post_init__ = __post_init__
+    return cls
+
+
 _KEY_IN_MESSAGE = re.compile(r"config key '([A-Za-z_][A-Za-z0-9_]*)'")
 
 
@@ -249,6 +267,8 @@ def with_setting_help(cls: type, error: ConfigError) -> ConfigError:
     if len(named) != 1 or message.startswith("unknown config key"):
         return error
     (key,) = named
+    if f" [{key}: " in message:  # already explained (by the config's own __post_init__: explained_errors)
+        return error
     found = next((s for s in settings_of(cls) if s.name == key and s.help), None)
     if found is None:
         return error

@@ -6,7 +6,8 @@ An experiment's config declares a field with :func:`setting`::
 
 and that one declaration feeds ``implicit-diffusion list EXP``, ``implicit-diffusion run EXP --help``, the
 "unknown config key" error, the help quoted after every config error that names one key
-(:func:`~.config.with_setting_help`) and the tables of ``docs/settings.md`` (:func:`render_markdown`; regenerate
+(:func:`~.config.with_setting_help`; a config class decorated with :func:`~.config.explained_errors` quotes it
+when built from Python too) and the tables of ``docs/settings.md`` (:func:`render_markdown`; regenerate
 with ``implicit-diffusion list --markdown > docs/settings.md``, a test checks the file is current).
 For ``Literal`` types the allowed values come from the type.
 """
