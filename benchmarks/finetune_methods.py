@@ -203,15 +203,22 @@ def print_row(r: dict) -> None:
 
 
 def print_fronts(rows: list[dict], bases: dict[str, dict], rewards: list[str], methods: list[str]) -> None:
-    print("\nrise over the pretrained reward in standard errors (all evaluated on the same noise, so positively "
-          "correlated: this SE of the difference is conservative), and reward gained per nat of path KL")
+    if rows and "rise_se" in rows[0]:
+        print("\nrise over the pretrained reward in standard errors (per seed the contender minus the pretrained "
+              "model on the same noise; SE across seeds of that difference: with few seeds a rough scale, and "
+              "large where every seed rises alike), and mean reward gained per nat of mean path KL")
+    else:
+        print("\nrise over the pretrained reward in standard errors (all evaluated on the same noise, so positively "
+              "correlated: this SE of the difference is conservative), and reward gained per nat of path KL")
     for reward in rewards:
         base = bases[reward]
         for method in methods:
             parts = []
             for r in (r for r in rows if r["method"] == method and r["reward_name"] == reward):
-                rise = (r["reward"] - base["reward"]) / math.hypot(r["reward_se"], base["reward_se"])
-                per_kl = (r["reward"] - base["reward"]) / r["kl"] if r["kl"] > 0 else float("nan")
+                gain = r.get("rise", r["reward"] - base["reward"])
+                se = r["rise_se"] if "rise_se" in r else math.hypot(r["reward_se"], base["reward_se"])
+                rise = gain / se if se > 0 else math.copysign(math.inf, gain)
+                per_kl = gain / r["kl"] if r["kl"] > 0 else float("nan")
                 parts.append(f"λ/β={r['ratio']:g}: {rise:+6.1f} SE, {per_kl:+.4f}/nat")
             print(f"  {reward:<10} {method:<17} " + "; ".join(parts))
 
@@ -263,8 +270,13 @@ def combine(saved: list[dict]) -> dict:
         for r in run["rows"]:
             groups[key(r)].append(r)
     bases = {reward: merge([run["pretrained"][reward] for run in saved]) for reward in first["pretrained"]}
-    return {"machine": first["machine"], "args": {**first["args"], "seed": seeds},
-            "pretrained": bases, "rows": [merge(groups[k]) for k in keys]}
+    rows = []
+    for k in keys:  # the rise, paired: each seed's contender minus that seed's pretrained model (the same noise)
+        rises = [r["reward"] - run["pretrained"][k[0]]["reward"] for r, run in zip(groups[k], saved)]
+        mean = sum(rises) / len(rises)
+        se = math.sqrt(sum((d - mean) ** 2 for d in rises) / (len(rises) - 1) / len(rises))
+        rows.append({**merge(groups[k]), "rise": mean, "rise_se": se})
+    return {"machine": first["machine"], "args": {**first["args"], "seed": seeds}, "pretrained": bases, "rows": rows}
 
 
 def report(paths: list[Path], figure: Path | None) -> None:

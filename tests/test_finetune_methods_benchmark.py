@@ -75,6 +75,8 @@ def test_runs_of_several_seeds_combine_to_the_mean_and_the_se_across_seeds(bench
     assert row["fraction_classified"] == pytest.approx(0.6) and row["fraction_classified_se"] == pytest.approx(0.1)
     assert row["updates"] == 12 and row["peak_mib"] == pytest.approx(50.5)  # costs: means (counts rounded)
     assert combined["pretrained"]["class:3"]["reward"] == pytest.approx(-10.5)
+    # the rise is paired by seed: −1 − (−10) = 9 and −3 − (−11) = 8, so 8.5 ± 0.5 (not 8.5 ± hypot of two SEs)
+    assert row["rise"] == pytest.approx(8.5) and row["rise_se"] == pytest.approx(0.5)
     assert combined["args"]["seed"] == [0, 1]
     for i, seed in enumerate((0, 1)):
         (tmp_path / f"s{i}.json").write_text(json.dumps(_saved(seed, -1.0 - 2 * i, 2.0 + 2 * i, 0.5 + 0.2 * i, 10)))
@@ -82,6 +84,7 @@ def test_runs_of_several_seeds_combine_to_the_mean_and_the_se_across_seeds(bench
     out = capsys.readouterr().out
     assert "seeds 0, 1 (means over seeds, ± SE across seeds" in out and "-2.0000 ± 1.0000" in out
     assert "60.0% ± 10.0%" in out
+    assert "λ/β=10:  +17.0 SE, +2.8333/nat" in out  # 8.5 / 0.5 SE; 8.5 / mean KL 3
 
 
 def test_runs_that_differ_in_more_than_the_seed_are_not_combined(bench):
