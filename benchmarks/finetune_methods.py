@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -231,9 +232,16 @@ def combine(saved: list[dict]) -> dict:
     if len(saved) == 1:
         return saved[0]
     first = saved[0]
-    fixed = {k: v for k, v in first["args"].items() if k not in ("seed", "out", "figure", "report")}
+
+    def settings(run: dict) -> dict:
+        return {k: v for k, v in run["args"].items() if k not in ("seed", "out", "figure", "report")}
+
+    def mean_se(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+    fixed = settings(first)
     for run in saved[1:]:
-        other = {k: v for k, v in run["args"].items() if k not in ("seed", "out", "figure", "report")}
+        other = settings(run)
         if other != fixed or run["machine"] != first["machine"]:
             diff = sorted(k for k in set(fixed) | set(other) if fixed.get(k) != other.get(k))
             raise SystemExit(f"--report: the runs differ in more than their seed (in {diff or 'the machine'}); "
@@ -247,9 +255,7 @@ def combine(saved: list[dict]) -> dict:
         n = len(group)
         for key, se in (("reward", "reward_se"), ("kl", "kl_se"), ("fraction_classified", "fraction_classified_se")):
             if key in out:
-                values = [r[key] for r in group]
-                mean = sum(values) / n
-                out[key], out[se] = mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+                out[key], out[se] = mean_se([r[key] for r in group])
         for key in ("train_s", "peak_mib"):
             if key in out:
                 out[key] = sum(r[key] for r in group) / n
@@ -272,10 +278,8 @@ def combine(saved: list[dict]) -> dict:
     bases = {reward: merge([run["pretrained"][reward] for run in saved]) for reward in first["pretrained"]}
     rows = []
     for k in keys:  # the rise, paired: each seed's contender minus that seed's pretrained model (the same noise)
-        rises = [r["reward"] - run["pretrained"][k[0]]["reward"] for r, run in zip(groups[k], saved)]
-        mean = sum(rises) / len(rises)
-        se = math.sqrt(sum((d - mean) ** 2 for d in rises) / (len(rises) - 1) / len(rises))
-        rows.append({**merge(groups[k]), "rise": mean, "rise_se": se})
+        rise, rise_se = mean_se([r["reward"] - run["pretrained"][k[0]]["reward"] for r, run in zip(groups[k], saved)])
+        rows.append({**merge(groups[k]), "rise": rise, "rise_se": rise_se})
     return {"machine": first["machine"], "args": {**first["args"], "seed": seeds}, "pretrained": bases, "rows": rows}
 
 
